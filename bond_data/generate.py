@@ -1,0 +1,144 @@
+"""Generation: sample k candidates per prompt from a round's anchor into candidates shards.
+
+Work is planned from what is missing: for each prompt, the sample indices in [0, k) that no
+registered shard holds. Raising k from 8 to 16 plans only indices 8..15; after a crash, the
+planner sees the same gaps and rebuilds the same shards (same ids, same seeds).
+
+The transformers backend batches rows across prompts *and* samples (one `generate` call per
+micro-batch, not per prompt) and still gives every candidate its own seed, so a candidate does not
+depend on which batch it landed in: `SeededGumbelSampler` adds Gumbel noise drawn from a counter-
+based hash of (seed, step, token) and lets greedy decoding take the argmax, which is an exact
+sample from the temperature / top-p distribution (the Gumbel-max trick). It also records, for each
+generated token, its log-probability under the raw anchor (temperature 1: `anchor_logprob`, the
+trainer's log A(y)) and under the sampler (`sample_logprob`).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import pyarrow as pa
+
+from bond_data import schema
+from bond_data.store import Store, shard_manifest, write_parquet_atomic
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+
+
+@dataclass
+class PromptJob:
+    """One prompt's missing samples: what a backend is asked to produce."""
+
+    prompt_id: str
+    prompt: str
+    messages: list[dict] | None
+    sample_indices: list[int]
+    seeds: list[int]
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" or "length"
+    anchor_logprob: float
+    sample_logprob: float
+
+
+class Backend(Protocol):
+    name: str
+
+    def generate(self, jobs: list[PromptJob], sampling: Sampling) -> list[list[Completion]]:
+        """One list of completions per job, in the order of its sample_indices."""
+        ...
+
+
+# ---- planning (driver side) -------------------------------------------------------------------
+def plan_generation(store: Store, round_: int, k: int, shard_prompts: int) -> list[dict]:
+    """Shards still to generate for a round: each a dict (JSON-able, so it travels to any worker)."""
+    prompts = store.prompts().to_pylist()
+    have: dict[str, set[int]] = {}
+    for row in store.existing_samples(round_).to_pylist():
+        have.setdefault(row["prompt_id"], set()).add(row["sample_index"])
+    jobs = []
+    for p in prompts:  # sorted by prompt_id: a stable order, so a re-run plans the same shards
+        missing = [i for i in range(k) if i not in have.get(p["prompt_id"], ())]
+        if missing:
+            jobs.append({
+                "prompt_id": p["prompt_id"], "prompt": p["prompt"],
+                "messages": json.loads(p["messages"]) if p["messages"] else None,
+                "sample_indices": missing,
+                "seeds": [schema.candidate_seed(round_, p["prompt_id"], i) for i in missing],
+            })
+    plans = []
+    for start in range(0, len(jobs), shard_prompts):
+        chunk = jobs[start : start + shard_prompts]
+        key = ";".join(f"{j['prompt_id']}:{j['sample_indices'][0]}-{j['sample_indices'][-1]}" for j in chunk)
+        shard_id = f"r{round_}-" + schema.sha256_hex(f"{round_}\0{key}")
+        plans.append({"shard_id": shard_id, "round": round_, "jobs": chunk})
+    return plans
+
+
+# ---- one shard (worker side) ------------------------------------------------------------------
+def generate_shard(store_root: str, plan: dict, anchor: dict, backend: str, sampling: Sampling,
+                   batch_size: int = 64, device: str | None = None) -> dict:
+    """Generate one planned shard, write it atomically and return its manifest (no catalog write)."""
+    root = Path(store_root)
+    out = root / "candidates" / f"round={plan['round']}" / f"shard={plan['shard_id']}.parquet"
+    jobs = [PromptJob(**j) for j in plan["jobs"]]
+    model = load_backend(backend, anchor["anchor_path"], anchor["anchor_hash"], batch_size, device)
+    completions = model.generate(jobs, sampling)
+    table = candidate_table(plan["round"], jobs, completions, anchor["anchor_hash"], model.name, sampling)
+    write_parquet_atomic(table, out)
+    return shard_manifest(root, out, "candidates", plan["shard_id"], round=plan["round"])
+
+
+def candidate_table(round_: int, jobs: list[PromptJob], completions: list[list[Completion]],
+                    anchor_hash: str, backend: str, sampling: Sampling) -> pa.Table:
+    """Rows of the candidates schema, with their lineage, from a backend's output."""
+    rows = []
+    params = json.dumps(asdict(sampling), sort_keys=True)
+    for job, outs in zip(jobs, completions, strict=True):
+        if len(outs) != len(job.sample_indices):
+            raise RuntimeError(f"backend {backend} returned {len(outs)} completions for {len(job.sample_indices)} samples")
+        for index, seed, c in zip(job.sample_indices, job.seeds, outs):
+            rows.append({
+                "candidate_id": schema.candidate_id(round_, job.prompt_id, index),
+                "prompt_id": job.prompt_id, "round": round_, "sample_index": index,
+                "completion": c.text, "token_ids": c.token_ids, "num_tokens": len(c.token_ids),
+                "finish_reason": c.finish_reason, "anchor_logprob": c.anchor_logprob,
+                "sample_logprob": c.sample_logprob, "anchor_hash": anchor_hash, "backend": backend,
+                "sampling": params, "seed": seed,
+            })
+    return pa.Table.from_pylist(rows, schema=schema.CANDIDATES)
+
+
+_BACKENDS: dict[tuple, Backend] = {}
+_BACKENDS_LOCK = threading.Lock()
+
+
+def load_backend(name: str, model_dir: str, model_hash: str, batch_size: int, device: str | None) -> Backend:
+    """One loaded model per (backend, checkpoint, device) and process, shared by the worker's threads."""
+    key = (name, model_dir, model_hash, batch_size, device)
+    with _BACKENDS_LOCK:
+        if key not in _BACKENDS:
+            if name == "transformers":
+                from bond_data.hf_backend import TransformersBackend
+
+                _BACKENDS[key] = TransformersBackend(model_dir, batch_size=batch_size, device=device)
+            elif name == "vllm":
+                from bond_data.vllm_backend import VLLMBackend
+
+                _BACKENDS[key] = VLLMBackend(model_dir)
+            else:
+                raise ValueError(f"unknown generation backend {name!r}: use 'transformers' or 'vllm'")
+        return _BACKENDS[key]

@@ -1,0 +1,159 @@
+"""The transformers generation backend: batched across prompts and samples, one seed per candidate.
+
+Rows are (prompt, sample) pairs sorted by prompt length and cut into micro-batches of
+`batch_size`, left-padded, and decoded with `model.generate` (KV cache). Sampling is done by
+`SeededGumbelSampler` inside greedy decoding, so each row draws its noise from its own seed.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from bond_data.generate import Completion, PromptJob, Sampling
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(c: int) -> int:
+    """A Python int reduced modulo 2^64 as torch's signed int64 (tensor arithmetic wraps the same way)."""
+    c &= _MASK64
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+_TOKEN_STRIDE = _signed(0xD1B54A32D192ED03)  # odd, so distinct tokens get distinct counters
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    x = x + _GOLDEN
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def seeded_uniform(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """[B, V] uniforms in (0, 1), a pure function of (seed, step, token): counter-based, batch-free."""
+    base = _splitmix64(seeds.to(torch.int64) + _signed(step * _GOLDEN))  # [B]
+    tokens = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    bits = _splitmix64(base[:, None] + tokens[None, :] * _TOKEN_STRIDE)  # [B, V]
+    return (_shr(bits, 11).to(torch.float64) + 0.5) / float(1 << 53)
+
+
+class SeededGumbelSampler(LogitsProcessor):
+    """Turns greedy decoding into per-row seeded sampling and records per-token log-probs.
+
+    Called once per step with the raw logits; returns log q + Gumbel noise, where q is the
+    temperature / top-p distribution, so the greedy argmax is a sample from q. The token chosen
+    at step t is read back from `input_ids` at step t + 1 (and by `finish` for the last step).
+    """
+
+    def __init__(self, seeds: list[int], sampling: Sampling, prompt_len: int):
+        self.seeds = torch.tensor(seeds, dtype=torch.int64)
+        self.sampling = sampling
+        self.prompt_len = prompt_len
+        self.anchor_logp: list[torch.Tensor] = []  # per step, [B]
+        self.sample_logp: list[torch.Tensor] = []
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _record(self, chosen: torch.Tensor) -> None:
+        if self._last is not None:
+            logp, logq = self._last
+            self.anchor_logp.append(logp.gather(1, chosen[:, None]).squeeze(1))
+            self.sample_logp.append(logq.gather(1, chosen[:, None]).squeeze(1))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.prompt_len
+        self._record(input_ids[:, -1])
+        logits = scores.float()  # [B, V]
+        logp = torch.log_softmax(logits, dim=-1)
+        logq = torch.log_softmax(logits / self.sampling.temperature, dim=-1)
+        if self.sampling.top_p < 1.0:
+            logq = _top_p_renormalised(logq, self.sampling.top_p)
+        self._last = (logp, logq)
+        u = seeded_uniform(self.seeds.to(scores.device), step, scores.shape[-1])
+        gumbel = -torch.log(-torch.log(u)).to(logq.dtype)
+        return logq + gumbel  # -inf outside the nucleus stays -inf
+
+    def finish(self, last_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T] per-token log-probs under the anchor and the sampler."""
+        self._record(last_tokens)
+        return torch.stack(self.anchor_logp, 1), torch.stack(self.sample_logp, 1)
+
+
+def _top_p_renormalised(logq: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose mass reaches top_p (the top token always), renormalised."""
+    sorted_logq, order = logq.sort(dim=-1, descending=True)
+    mass_before = sorted_logq.exp().cumsum(-1) - sorted_logq.exp()
+    drop_sorted = mass_before >= top_p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return torch.log_softmax(logq.masked_fill(drop, float("-inf")), dim=-1)
+
+
+class TransformersBackend:
+    name = "transformers"
+
+    def __init__(self, model_dir: str, batch_size: int = 64, device: str | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        self.batch_size = batch_size
+
+    def render(self, job: PromptJob) -> list[int]:
+        """Token ids of the prompt: the chat template for messages, the plain text otherwise."""
+        if job.messages is not None:
+            text = self.tokenizer.apply_chat_template(job.messages, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(job.prompt)["input_ids"]
+
+    def generate(self, jobs: list[PromptJob], sampling: Sampling) -> list[list[Completion]]:
+        rows = []  # (job index, position in job, prompt ids, seed)
+        for j, job in enumerate(jobs):
+            ids = self.render(job)
+            rows += [(j, s, ids, seed) for s, seed in enumerate(job.seeds)]
+        rows.sort(key=lambda r: len(r[2]))  # similar lengths share a batch: less padding
+        out: list[list[Completion | None]] = [[None] * len(job.seeds) for job in jobs]
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start : start + self.batch_size]
+            for (j, s, _, _), completion in zip(batch, self._generate_batch(batch, sampling)):
+                out[j][s] = completion
+        return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _generate_batch(self, batch: list[tuple], sampling: Sampling) -> list[Completion]:
+        enc = self.tokenizer.pad({"input_ids": [r[2] for r in batch]}, return_tensors="pt").to(self.device)
+        prompt_len = enc["input_ids"].shape[1]
+        sampler = SeededGumbelSampler([r[3] for r in batch], sampling, prompt_len)
+        config = GenerationConfig(
+            do_sample=False, max_new_tokens=sampling.max_new_tokens, num_beams=1, top_k=None,
+            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+        )
+        seqs = self.model.generate(**enc, generation_config=config, logits_processor=LogitsProcessorList([sampler]))
+        new = seqs[:, prompt_len:]  # [B, T]
+        anchor_logp, sample_logp = sampler.finish(new[:, -1])
+        return [self._completion(new[b], anchor_logp[b], sample_logp[b]) for b in range(len(batch))]
+
+    def _completion(self, tokens: torch.Tensor, anchor_logp: torch.Tensor, sample_logp: torch.Tensor) -> Completion:
+        """Cut after the first EOS (generate pads finished rows) and sum the kept log-probs."""
+        ids = tokens.tolist()
+        eos = self.tokenizer.eos_token_id
+        stop = ids.index(eos) + 1 if eos in ids else len(ids)
+        kept = ids[:stop]
+        finish = "stop" if kept and kept[-1] == eos else "length"
+        text_ids = kept[:-1] if finish == "stop" else kept
+        return Completion(
+            text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
+            token_ids=kept,
+            finish_reason=finish,
+            anchor_logprob=float(anchor_logp[:stop].double().sum()),
+            sample_logprob=float(sample_logp[:stop].double().sum()),
+        )

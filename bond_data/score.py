@@ -1,0 +1,173 @@
+"""Scoring: reward models turn candidates shards into scores shards (one per candidates shard and RM).
+
+A reward model is either a local `AutoModelForSequenceClassification` folder (one output logit)
+or a Python callable given as `module:function`, taking a list of (prompt, completion) pairs and
+returning one float each. Its id defaults to the folder or function name; its hash is the content
+of the folder or of the callable's module file, so a changed reward model cannot silently reuse
+an id. Micro-batches are sorted by length (less padding); a NaN or infinite reward is an error
+naming the candidate, never a number that reaches the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import math
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from bond_data import schema
+from bond_data.store import Store, folder_sha256, shard_manifest, write_parquet_atomic
+
+
+class RewardError(ValueError):
+    """A reward model returned something unusable; the message names the candidate."""
+
+
+@dataclass
+class RewardModel:
+    rm_id: str
+    rm_hash: str
+    spec: str
+    score_batch: Callable[[list[tuple[str, str]]], list[float]]
+
+
+def _check_id(rm_id: str) -> str:
+    """An id names folders (scores/round=R/rm=ID/), so it stays a plain file name."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", rm_id):
+        raise RewardError(f"reward model id {rm_id!r}: use letters, digits, '_', '-' or '.' (at most 64)")
+    return rm_id
+
+
+def describe_reward_model(spec: str, rm_id: str | None = None) -> tuple[str, str]:
+    """(rm_id, rm_hash) of a spec without loading model weights."""
+    path = Path(spec)
+    if path.is_dir():
+        return _check_id(rm_id or path.name), folder_sha256(path)
+    module_name, _, func_name = spec.partition(":")
+    if not func_name:
+        raise RewardError(f"reward model {spec!r}: not a folder, and not of the form module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RewardError(f"reward model {spec!r}: cannot import module {module_name!r} ({e})") from None
+    if not callable(getattr(module, func_name, None)):
+        raise RewardError(f"reward model {spec!r}: module {module_name!r} has no callable {func_name!r}")
+    source = inspect.getsource(module)
+    return _check_id(rm_id or func_name), hashlib.sha256(f"{spec}\0{source}".encode()).hexdigest()
+
+
+_LOADED: dict[tuple, RewardModel] = {}
+_LOCK = threading.Lock()
+
+
+def load_reward_model(spec: str, rm_id: str | None = None, device: str | None = None) -> RewardModel:
+    """Load once per process (workers share it across shards)."""
+    with _LOCK:
+        key = (spec, rm_id, device)
+        if key not in _LOADED:
+            rid, rhash = describe_reward_model(spec, rm_id)
+            if Path(spec).is_dir():
+                fn = _sequence_classifier(spec, device)
+            else:
+                module_name, _, func_name = spec.partition(":")
+                fn = getattr(importlib.import_module(module_name), func_name)
+            _LOADED[key] = RewardModel(rid, rhash, spec, fn)
+        return _LOADED[key]
+
+
+def _sequence_classifier(folder: str, device: str | None) -> Callable[[list[tuple[str, str]]], list[float]]:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(folder).to(dev).eval()
+    if model.config.num_labels != 1:
+        raise RewardError(f"reward model {folder}: expected one output logit, the model has {model.config.num_labels}")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+    def text(prompt: str, completion: str) -> str:
+        if tokenizer.chat_template:  # score the exchange the way the RM was trained to see it
+            chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            return tokenizer.apply_chat_template(chat, tokenize=False)
+        return prompt + completion
+
+    @torch.inference_mode()
+    def score_batch(pairs: list[tuple[str, str]]) -> list[float]:
+        enc = tokenizer([text(p, c) for p, c in pairs], padding=True, truncation=True, return_tensors="pt").to(dev)
+        return model(**enc).logits[:, 0].float().cpu().tolist()
+
+    return score_batch
+
+
+def score_pairs(score_batch: Callable, pairs: list[tuple[str, str]], batch_size: int,
+                sort_by_length: bool = True) -> list[float]:
+    """Rewards in input order, computed in micro-batches of similar length."""
+    order = list(range(len(pairs)))
+    if sort_by_length:
+        order.sort(key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    rewards: list[float] = [math.nan] * len(pairs)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        out = list(score_batch([pairs[i] for i in idx]))
+        if len(out) != len(idx):
+            raise RewardError(f"reward model returned {len(out)} rewards for a batch of {len(idx)}")
+        for i, r in zip(idx, out):
+            rewards[i] = float(r)
+    return rewards
+
+
+def shard_rows(store_root: Path, candidates: dict, prompt_files: list[str]) -> list[dict]:
+    """A candidates shard joined with its prompts' text, read from Parquet alone: workers never
+    open the catalog (only the driver does, and DuckDB allows one writer process)."""
+    cands = pq.read_table(store_root / candidates["path"], columns=["candidate_id", "prompt_id", "round", "completion"])
+    wanted = pc.unique(cands.column("prompt_id"))
+    texts = {}
+    for f in prompt_files:
+        p = pq.read_table(store_root / f, columns=["prompt_id", "prompt"])
+        p = p.filter(pc.is_in(p.column("prompt_id"), value_set=wanted))
+        texts.update(zip(p.column("prompt_id").to_pylist(), p.column("prompt").to_pylist()))
+    return [{**row, "prompt": texts[row["prompt_id"]]} for row in cands.to_pylist()]
+
+
+def score_shard(store_root: str, candidates: dict, prompt_files: list[str], spec: str, rm_id: str | None,
+                batch_size: int = 32, device: str | None = None) -> dict:
+    """Score one registered candidates shard; write the scores shard atomically, return its manifest."""
+    store = Store(store_root)
+    rm = load_reward_model(spec, rm_id, device)
+    rows = shard_rows(store.root, candidates, prompt_files)
+    rewards = score_pairs(rm.score_batch, [(r["prompt"], r["completion"]) for r in rows], batch_size)
+    for row, reward in zip(rows, rewards):
+        if not math.isfinite(reward):
+            raise RewardError(
+                f"reward model {rm.rm_id} ({spec}) returned {reward} for candidate {row['candidate_id']} "
+                f"(prompt {row['prompt_id']}, shard {candidates['path']}); nothing was written"
+            )
+    table = pa.Table.from_pylist(
+        [{"candidate_id": r["candidate_id"], "prompt_id": r["prompt_id"], "round": r["round"],
+          "rm_id": rm.rm_id, "rm_hash": rm.rm_hash, "reward": x} for r, x in zip(rows, rewards)],
+        schema=schema.SCORES,
+    )
+    round_ = candidates["round"]
+    shard_id = f"{candidates['shard_id']}-{rm.rm_id}"
+    out = store.root / "scores" / f"round={round_}" / f"rm={rm.rm_id}" / f"shard={candidates['shard_id']}.parquet"
+    write_parquet_atomic(table, out)
+    return shard_manifest(store.root, out, "scores", shard_id, round=round_, rm_id=rm.rm_id, rm_hash=rm.rm_hash)
+
+
+def plan_scoring(store: Store, round_: int, rm_id: str) -> list[dict]:
+    """Candidates shards of a round that have no scores shard for this reward model yet."""
+    done = {m["shard_id"] for m in store.registered_shards("scores", round_, rm_id)}
+    return [m for m in store.registered_shards("candidates", round_) if f"{m['shard_id']}-{rm_id}" not in done]

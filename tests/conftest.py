@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny models and stores built in code (nothing downloaded)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, TESTS_DIR)  # reward callables in tests/rewards_for_tests.py
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [TESTS_DIR, os.environ.get("PYTHONPATH")]))  # workers too
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from bond_data.store import Store, folder_sha256  # noqa: E402
+
+TINY_REWARD = "bond_data.tiny_task:reward"
+
+
+@pytest.fixture(scope="session")
+def untrained_model(tmp_path_factory):
+    """A tiny untrained Llama + tokenizer folder: fast, and its samples vary a lot."""
+    from bond_data.tiny_task import save_untrained_model
+
+    return save_untrained_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    words = ["dbca", "zyx", "hello", "qwerty", "mno", "pqrs", "abc", "edcba", "kite", "lamp"]
+    return write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"sort: {w} ="} for w in words])
+
+
+@pytest.fixture
+def store(tmp_path, untrained_model, prompt_file):
+    """A store with round 0's anchor registered and ten prompts added."""
+    from bond_data.prompts import add_prompts
+
+    st = Store(tmp_path / "store")
+    st.register_anchor(0, str(untrained_model), folder_sha256(untrained_model))
+    add_prompts(st, prompt_file)
+    return st

@@ -1,0 +1,17 @@
+"""Reward callables the tests pass as `rewards_for_tests:NAME` (tests/ is on PYTHONPATH)."""
+
+import math
+
+
+def letter_count(batch):
+    """Discrete, with ties and spread: how many distinct letters a-z the completion holds, mod 4."""
+    return [float(len({ch for ch in c if "a" <= ch <= "z"}) % 4) for _, c in batch]
+
+
+def length(batch):
+    return [float(len(c)) for _, c in batch]
+
+
+def nan_on_third(batch):
+    """Valid except for the third pair it is ever asked about in a batch: must be caught."""
+    return [math.nan if i == 2 else 1.0 for i, _ in enumerate(batch)]
