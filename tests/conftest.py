@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -18,6 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 from bond_data.store import Store, folder_sha256  # noqa: E402
+from testutil import write_jsonl  # noqa: E402
 
 TINY_REWARD = "bond_data.tiny_task:reward"
 
@@ -28,11 +28,6 @@ def untrained_model(tmp_path_factory):
     from bond_data.tiny_task import save_untrained_model
 
     return save_untrained_model(tmp_path_factory.mktemp("model") / "tiny")
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 @pytest.fixture

@@ -1,0 +1,193 @@
+"""Tests for the built-in tiny task: reward, tokenizer, untrained model, cache, Best-of-N quality."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from bond_data import tiny_task as tt
+
+
+# ----------------------------------------------------------------------------- reward
+
+
+def test_reward_gives_one_to_the_answer_and_less_to_mistakes():
+    prompt = "sort: dbcae ="
+    completions = [" abcde", "abcde", " abced", " abde", " abccde", " abcdz", " edcba", "", " 123"]
+    scores = tt.reward([(prompt, c) for c in completions])
+    assert scores[:2] == [1.0, 1.0]  # surrounding spaces do not matter
+    assert all(0.0 <= s < 1.0 for s in scores[2:])
+    assert scores[-2:] == [0.0, 0.0]
+    assert len(set(scores)) >= 4  # several discrete levels, not pass/fail
+    assert tt.reward([(prompt, c) for c in completions]) == scores  # deterministic
+
+
+def test_reward_levels_are_discrete_so_pools_can_tie():
+    prompt = "sort: hgfedcba ="
+    one_mistake = [" abcdefgg", " bacdefgh", " abcdefg", " abcdefghh"]
+    scores = tt.reward([(prompt, c) for c in one_mistake])
+    assert scores[0] == scores[1]  # a replaced letter and a swap both cost one edit of 8
+
+
+def test_reward_reads_only_the_first_line_and_templated_prompts():
+    assert tt.score("sort: cab =", " abc\nsort: zz = zz") == 1.0
+    assert tt.score("some system text\nsort: cab =", " abc") == 1.0
+    with pytest.raises(ValueError, match="not a tiny-task prompt"):
+        tt.score("what is 2+2?", " 4")
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def test_shipped_prompt_files_match_the_recipe_and_do_not_overlap(tmp_path):
+    train, held_out = tt.read_prompts(tt.PROMPTS_FILE), tt.read_prompts(tt.EVAL_PROMPTS_FILE)
+    assert (len(train), len(held_out)) == (64, 32)
+    assert len(set(train)) == 64 and not set(train) & set(held_out)
+    assert all(tt.answer_for(p) for p in train + held_out)
+    regenerated = tt.write_prompt_files(tmp_path)
+    assert [p.read_text() for p in regenerated] == [
+        tt.PROMPTS_FILE.read_text(), tt.EVAL_PROMPTS_FILE.read_text()]
+
+
+def test_corpus_is_noisy_but_often_right():
+    import random
+
+    rng = random.Random(0)
+    examples = [tt.corpus_example(rng) for _ in range(2000)]
+    scores = tt.reward(examples)
+    exact = sum(s == 1.0 for s in scores) / len(scores)
+    assert 0.2 < exact < 0.5
+    assert len(set(scores)) > 5
+
+
+# ----------------------------------------------------------------------------- tokenizer and model
+
+
+def test_tokenizer_round_trips_text_and_sets_special_tokens():
+    tok = tt.build_tokenizer()
+    for text in ["sort: dbca = abcd", "  spaces  and\nnewlines\t", "héllo wörld ✓ 🙂", ""]:
+        assert tok.decode(tok(text)["input_ids"]) == text
+    ids = {tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}
+    assert None not in ids and len(ids) == 3
+    assert tok.decode(tok("abc")["input_ids"] + [tok.eos_token_id], skip_special_tokens=True) == "abc"
+
+
+def test_chat_template_renders_the_plain_prompt():
+    tok = tt.build_tokenizer()
+    messages = [{"role": "user", "content": "sort: dbca ="}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == "sort: dbca ="
+    full = tok.apply_chat_template(messages + [{"role": "assistant", "content": " abcd"}], tokenize=False)
+    assert full == "sort: dbca = abcd" + tok.eos_token
+
+
+def test_save_untrained_model_loads_offline_and_generates(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: F401 (warm import)
+
+    start = time.perf_counter()
+    out = tt.save_untrained_model(tmp_path / "m")
+    assert time.perf_counter() - start < 2.0
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.eos_token_id == tok.eos_token_id and model.config.pad_token_id == tok.pad_token_id
+    text = tok.apply_chat_template([{"role": "user", "content": "sort: cba ="}],
+                                   add_generation_prompt=True, tokenize=False)
+    enc = tok([text, "sort: gfedcba ="], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        gen = model.generate(**enc, do_sample=True, max_new_tokens=5)
+    assert gen.shape[0] == 2 and gen.shape[1] <= enc["input_ids"].shape[1] + 5
+
+
+def test_build_model_is_seeded():
+    import torch
+
+    tok = tt.build_tokenizer()
+    a, b, c = tt.build_model(tok, seed=0), tt.build_model(tok, seed=0), tt.build_model(tok, seed=1)
+    wa, wb, wc = (m.model.embed_tokens.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    assert tt.build_model(tok, hidden_size=32, num_attention_heads=2).config.hidden_size == 32
+
+
+# ----------------------------------------------------------------------------- cache (no pretraining)
+
+
+def _fake_build(folder: Path, seed: int, quiet: bool) -> None:
+    tt.save_untrained_model(folder, seed)
+    (folder / "tiny_task.json").write_text(json.dumps({"fake": True}))
+
+
+def test_ensure_renames_into_place_and_reuses(tmp_path, monkeypatch):
+    monkeypatch.setattr(tt, "_build_into", _fake_build)
+    task = tt.ensure_tiny_task(tmp_path, quiet=True)
+    assert task.model_dir == tmp_path / f"tiny-task-{tt.TASK_VERSION}"
+    assert task.reward == "bond_data.tiny_task:reward"
+    assert task.prompts_file == tt.PROMPTS_FILE and task.eval_prompts_file == tt.EVAL_PROMPTS_FILE
+    assert sorted(p.name for p in tmp_path.iterdir()) == [task.model_dir.name]  # no temp left over
+
+    monkeypatch.setattr(tt, "_build_into", lambda *a: pytest.fail("rebuilt a cached model"))
+    assert tt.ensure_tiny_task(tmp_path, quiet=True) == task
+
+
+def test_a_crashed_build_leaves_nothing_a_later_run_trusts(tmp_path, monkeypatch):
+    def crash(folder: Path, seed: int, quiet: bool) -> None:
+        (folder / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tt, "_build_into", crash)
+    with pytest.raises(KeyboardInterrupt):
+        tt.ensure_tiny_task(tmp_path, quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+    (tmp_path / f"tiny-task-{tt.TASK_VERSION}").mkdir()  # a stray folder without the marker
+    monkeypatch.setattr(tt, "_build_into", _fake_build)
+    task = tt.ensure_tiny_task(tmp_path, quiet=True)
+    assert (task.model_dir / "tiny_task.json").is_file()
+
+
+def test_default_cache_dir_honours_bond_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BOND_CACHE", str(tmp_path))
+    assert tt.default_cache_dir() == tmp_path
+    monkeypatch.delenv("BOND_CACHE")
+    assert tt.default_cache_dir() == Path.home() / ".cache" / "bond"
+
+
+# ----------------------------------------------------------------------------- the real build
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return tt.ensure_tiny_task(tmp_path_factory.mktemp("cache"), quiet=True)
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()}
+
+
+@pytest.mark.slow
+def test_ensure_tiny_task_builds_once_then_reuses(built):
+    meta = json.loads((built.model_dir / "tiny_task.json").read_text())
+    assert meta["task_version"] == tt.TASK_VERSION and meta["steps"] == tt.PRETRAIN_STEPS
+    before = _snapshot(built.model_dir)
+    start = time.perf_counter()
+    again = tt.ensure_tiny_task(built.model_dir.parent, quiet=True)
+    assert time.perf_counter() - start < 0.5
+    assert again == built and _snapshot(built.model_dir) == before
+
+
+@pytest.mark.slow
+def test_best_of_8_clearly_beats_one_sample(built):
+    stats = tt.best_of_n_stats(built.model_dir, tt.read_prompts(built.prompts_file), n=8)
+    assert 0.5 < stats["mean_one"] < 0.9  # mediocre but not hopeless: room for BOND to climb
+    assert stats["mean_best"] - stats["mean_one"] >= 0.15
+    assert stats["distinct"] >= 4
+    assert 0.0 < stats["tied_pair_rate"] < 0.6 and stats["all_tied_rate"] < 0.25
+
+
+@pytest.mark.slow
+def test_held_out_prompts_behave_like_training_prompts(built):
+    stats = tt.best_of_n_stats(built.model_dir, tt.read_prompts(built.eval_prompts_file), n=8)
+    assert stats["mean_best"] - stats["mean_one"] >= 0.15

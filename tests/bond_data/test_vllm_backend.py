@@ -1,0 +1,74 @@
+"""vLLM conversion code with stand-in output objects (vLLM itself needs a CUDA GPU), and the real
+backend end to end where a GPU and vllm are present (marker `gpu`)."""
+
+import importlib.util
+import math
+from types import SimpleNamespace as NS
+
+import pytest
+
+from bond_data.generate import PromptJob, Sampling, candidate_table
+from bond_data.vllm_backend import to_completions
+
+
+def fake_output(request_id, samples):
+    """Shaped like vllm.RequestOutput: outputs with index, text, token_ids, logprobs, finish_reason."""
+    outputs = []
+    for index, (text, ids, lps, reason) in enumerate(samples):
+        steps = [{t: NS(logprob=lp, rank=1), t + 1: NS(logprob=-9.0, rank=2)} for t, lp in zip(ids, lps)]
+        outputs.append(NS(index=index, text=text, token_ids=ids, logprobs=steps,
+                          cumulative_logprob=sum(lps), finish_reason=reason))
+    return NS(request_id=request_id, outputs=list(reversed(outputs)))  # order must not matter
+
+
+def test_request_output_becomes_candidates_in_sample_order():
+    out = fake_output("r0", [(" abc", [5, 6, 2], [-0.5, -0.25, -0.125], "stop"),
+                             (" xy", [7, 8], [-1.0, -2.0], "length")])
+    comps = to_completions(out)
+    assert [c.text for c in comps] == [" abc", " xy"]
+    assert [c.finish_reason for c in comps] == ["stop", "length"]
+    assert comps[0].anchor_logprob == pytest.approx(-0.875) and comps[1].anchor_logprob == pytest.approx(-3.0)
+    job = PromptJob("p1", "sort: ba =", None, [3, 4], [11, 12])
+    table = candidate_table(0, [job], [comps], "hash", "vllm", Sampling())
+    assert table.column("sample_index").to_pylist() == [3, 4]
+    assert table.column("num_tokens").to_pylist() == [3, 2]
+    assert table.column("backend").to_pylist() == ["vllm", "vllm"]
+
+
+def test_missing_or_non_finite_logprobs_are_errors():
+    out = fake_output("r1", [("a", [1], [-1.0], "stop")])
+    out.outputs[0].logprobs = None
+    out.outputs[0].cumulative_logprob = None
+    with pytest.raises(ValueError, match="logprobs=0"):
+        to_completions(out)
+    bad = fake_output("r2", [("a", [1], [-math.inf], "stop")])
+    with pytest.raises(ValueError, match="non-finite"):
+        to_completions(bad)
+
+
+def test_a_count_mismatch_is_caught():
+    job = PromptJob("p1", "x", None, [0, 1, 2], [1, 2, 3])
+    comps = to_completions(fake_output("r", [("a", [1], [-1.0], "stop")]))
+    with pytest.raises(RuntimeError, match="returned 1 completions for 3"):
+        candidate_table(0, [job], [comps], "h", "vllm", Sampling())
+
+
+def _has_cuda_vllm() -> bool:
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_cuda_vllm(), reason="vLLM runs only on a CUDA GPU with vllm installed")
+def test_vllm_backend_on_the_tiny_model(untrained_model):
+    from bond_data.vllm_backend import VLLMBackend
+
+    backend = VLLMBackend(str(untrained_model), gpu_memory_utilization=0.3, enforce_eager=True)
+    jobs = [PromptJob("a", "sort: dcba =", None, [0, 1, 2, 3], [5, 6, 7, 8])]
+    (comps,) = backend.generate(jobs, Sampling(max_new_tokens=8))
+    assert len(comps) == 4 and all(c.anchor_logprob < 0 and c.token_ids for c in comps)
+    again = backend.generate(jobs, Sampling(max_new_tokens=8))[0]
+    assert [c.token_ids for c in again] == [c.token_ids for c in comps]  # seeded
