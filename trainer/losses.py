@@ -1,0 +1,55 @@
+"""BOND losses as pure functions of per-sequence log-probabilities (torch tensors).
+
+Every tensor is one row per pool sample `[B]`: rows are samples y_i ~ A (the round's anchor),
+grouped k per prompt, each with its exact Best-of-N weight w_i from the dataset (`bon_weight`, with
+sum_i w_i / k = 1 per prompt) and log A(y_i) (`anchor_logprob`). `logp_policy` is log pi(y_i) with
+gradient. Means over rows are means over prompts of the per-prompt (1/k) sums, for equal k.
+
+- forward  KL(pi_BoN || pi) = const - E_{pi_BoN}[log pi]  ~  -(1/k) sum_i w_i log pi(y_i)
+  (mode covering; paper eq. 9, with exact weights instead of one Best-of-N sample)
+- backward KL(pi || pi_BoN) = E_pi[log pi - log A - log w]  ~  (1/k) sum_i rho_i (log rho_i - log w_i),
+  rho_i = pi(y_i) / A(y_i) (importance weights: the pool was drawn from A, not from pi; mode seeking).
+  Its autograd gradient is (1/k) sum_i rho_i (log rho_i - log w_i + 1) grad log pi(y_i), the
+  exact gradient of the estimator (the +1 term has zero mean under A).
+- Jeffreys  J_beta = (1 - beta) forward + beta backward, plus gamma KL(pi || A) ~ (1/k) sum_i rho_i log rho_i.
+
+The forward term drops its constant (the BoN entropy), so it is a cross-entropy, not a KL value.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def forward_kl_loss(logp_policy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted NLL of the pool: -(1/k) sum_i w_i log pi(y_i), averaged over prompts."""
+    return -(weight * logp_policy).mean()
+
+
+def backward_kl_loss(logp_policy: torch.Tensor, logp_anchor: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Importance-sampled KL(pi || pi_BoN) on the anchor's pool."""
+    log_rho = logp_policy - logp_anchor  # [B]
+    return (log_rho.exp() * (log_rho - weight.log())).mean()
+
+
+def anchor_kl_loss(logp_policy: torch.Tensor, logp_anchor: torch.Tensor) -> torch.Tensor:
+    """Importance-sampled KL(pi || A) on the anchor's pool: the regulariser gamma multiplies."""
+    log_rho = logp_policy - logp_anchor
+    return (log_rho.exp() * log_rho).mean()
+
+
+def jeffreys_loss(logp_policy: torch.Tensor, logp_anchor: torch.Tensor, weight: torch.Tensor,
+                  beta: float, gamma: float = 0.0) -> dict[str, torch.Tensor]:
+    """J_beta + gamma KL(pi || A), and each term (detached) for logging."""
+    fwd = forward_kl_loss(logp_policy, weight)
+    bwd = backward_kl_loss(logp_policy, logp_anchor, weight)
+    reg = anchor_kl_loss(logp_policy, logp_anchor)
+    loss = (1 - beta) * fwd + beta * bwd + gamma * reg
+    return {"loss": loss, "forward": fwd.detach(), "backward": bwd.detach(), "anchor_kl": reg.detach()}
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of token log-probs of the completion: logits [B, T, V] predict labels [B, T]; mask [B, T]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [B, T, V]
+    token_logp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T]
+    return (token_logp * mask).sum(-1)  # [B]
