@@ -86,8 +86,8 @@ def test_minimising_the_objective_converges_to_best_of_n(beta):
     w = bon.bon_weights(np.zeros(k), REWARD[ys], n)
     rows, weight = torch.tensor(ys), torch.tensor(w)
     theta = torch.zeros(4, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.Adam([theta], lr=0.05)
-    for _ in range(1500):
+    opt = torch.optim.Adam([theta], lr=0.1)
+    for _ in range(400):
         logp = torch.log_softmax(theta, 0)
         loss = losses.jeffreys_loss(logp[rows], ANCHOR.log()[rows], weight, beta=beta)["loss"]
         opt.zero_grad()
