@@ -116,17 +116,17 @@ def test_build_model_is_seeded():
 
 
 def _fake_build(folder: Path, seed: int, quiet: bool) -> None:
-    tt.save_untrained_model(folder, seed)
+    tt.save_untrained_model(folder / "model", seed)
     (folder / "tiny_task.json").write_text(json.dumps({"fake": True}))
 
 
 def test_ensure_renames_into_place_and_reuses(tmp_path, monkeypatch):
     monkeypatch.setattr(tt, "_build_into", _fake_build)
     task = tt.ensure_tiny_task(tmp_path, quiet=True)
-    assert task.model_dir == tmp_path / f"tiny-task-{tt.TASK_VERSION}"
+    assert task.model_dir == tmp_path / f"tiny-task-{tt.TASK_VERSION}" / "model"
     assert task.reward == "bond_data.tiny_task:reward"
     assert task.prompts_file == tt.PROMPTS_FILE and task.eval_prompts_file == tt.EVAL_PROMPTS_FILE
-    assert sorted(p.name for p in tmp_path.iterdir()) == [task.model_dir.name]  # no temp left over
+    assert [p.name for p in tmp_path.iterdir()] == [task.model_dir.parent.name]  # no temp left over
 
     monkeypatch.setattr(tt, "_build_into", lambda *a: pytest.fail("rebuilt a cached model"))
     assert tt.ensure_tiny_task(tmp_path, quiet=True) == task
@@ -145,7 +145,7 @@ def test_a_crashed_build_leaves_nothing_a_later_run_trusts(tmp_path, monkeypatch
     (tmp_path / f"tiny-task-{tt.TASK_VERSION}").mkdir()  # a stray folder without the marker
     monkeypatch.setattr(tt, "_build_into", _fake_build)
     task = tt.ensure_tiny_task(tmp_path, quiet=True)
-    assert (task.model_dir / "tiny_task.json").is_file()
+    assert (task.model_dir.parent / "tiny_task.json").is_file()
 
 
 def test_default_cache_dir_honours_bond_cache(tmp_path, monkeypatch):
@@ -169,11 +169,11 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.mark.slow
 def test_ensure_tiny_task_builds_once_then_reuses(built):
-    meta = json.loads((built.model_dir / "tiny_task.json").read_text())
+    meta = json.loads((built.model_dir.parent / "tiny_task.json").read_text())
     assert meta["task_version"] == tt.TASK_VERSION and meta["steps"] == tt.PRETRAIN_STEPS
     before = _snapshot(built.model_dir)
     start = time.perf_counter()
-    again = tt.ensure_tiny_task(built.model_dir.parent, quiet=True)
+    again = tt.ensure_tiny_task(built.model_dir.parent.parent, quiet=True)
     assert time.perf_counter() - start < 0.5
     assert again == built and _snapshot(built.model_dir) == before
 
