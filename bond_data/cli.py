@@ -165,17 +165,17 @@ def print_summary(record: dict, store: str) -> None:
 
     card = record["card"]
     t = Table(title=f"dataset {record['dataset_id']} (round {record['round']}, Best-of-{record['n']}, rm {record['rm_id']})")
-    t.add_column("")
-    t.add_column("", justify="right")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
     rows = [("prompts", card["prompts"]), ("candidates", card["candidates"]),
             ("tie rate", f"{card['tie_rate']:.3f}"),
             ("effective sample size / prompt", f"{card['ess_mean']:.2f} of {card['k_max']}"),
             ("mean reward (one sample of the anchor)", f"{card['mean_reward']:.4f}"),
-            (f"Best-of-{record['n']} reward (what the weights target)", f"{card['bon_reward']:.4f}"),
-            ("file", str(Path(store) / record["path"]))]
+            (f"Best-of-{record['n']} reward (what the weights target)", f"{card['bon_reward']:.4f}")]
     for k, v in rows:
         t.add_row(k, str(v))
     Console().print(t)
+    print(f"dataset: {Path(store) / record['path']} (card: README.md beside it)")
 
 
 def cmd_demo(args) -> None:

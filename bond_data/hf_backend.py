@@ -106,6 +106,10 @@ class TransformersBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        # Sampling is ours (SeededGumbelSampler): drop the checkpoint's sampling defaults, which
+        # generate() would otherwise merge into our greedy config.
+        self.model.generation_config = GenerationConfig(
+            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
         self.batch_size = batch_size
 
     def render(self, job: PromptJob) -> list[int]:
@@ -134,7 +138,7 @@ class TransformersBackend:
         prompt_len = enc["input_ids"].shape[1]
         sampler = SeededGumbelSampler([r[3] for r in batch], sampling, prompt_len)
         config = GenerationConfig(
-            do_sample=False, max_new_tokens=sampling.max_new_tokens, num_beams=1, top_k=None,
+            do_sample=False, max_new_tokens=sampling.max_new_tokens, num_beams=1,
             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
         )
         seqs = self.model.generate(**enc, generation_config=config, logits_processor=LogitsProcessorList([sampler]))

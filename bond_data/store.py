@@ -312,5 +312,8 @@ def read_only_query(store: Store, sql: str) -> pa.Table:
     with store.connect(read_only=True) as con:
         result = None
         for st in statements:
-            result = con.sql(st.query).to_arrow_table()
+            try:
+                result = con.sql(st.query).to_arrow_table()
+            except duckdb.Error as e:
+                raise StoreError(f"SQL error: {e}") from None
         return result
