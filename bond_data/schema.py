@@ -60,6 +60,7 @@ DATASET = pa.schema(
         pa.field("prompt", pa.string(), nullable=False),
         pa.field("messages", pa.string()),
         pa.field("completion", pa.string(), nullable=False),
+        pa.field("token_ids", pa.list_(pa.int32()), nullable=False),  # the completion as generated
         pa.field("reward", pa.float64(), nullable=False),
         pa.field("p_lt", pa.float64(), nullable=False),
         pa.field("p_le", pa.float64(), nullable=False),

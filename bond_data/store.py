@@ -65,7 +65,7 @@ SELECT *, (pow(p_le, n) - pow(p_lt, n)) / (p_le - p_lt) AS bon_weight FROM pool;
 """
 
 DATASET_ROWS = """
-SELECT b.prompt_id, b.candidate_id, p.prompt, p.messages, c.completion, b.reward, b.p_lt, b.p_le,
+SELECT b.prompt_id, b.candidate_id, p.prompt, p.messages, c.completion, c.token_ids, b.reward, b.p_lt, b.p_le,
        b.bon_weight, c.anchor_logprob, c.num_tokens, b.round, $n::INTEGER AS n, b.rm_id
 FROM bon_pool($n) b
 JOIN candidates c USING (candidate_id)
