@@ -56,3 +56,21 @@ class BuildConfig(_Config):
     round: int = Field(0, ge=0)
     n: int = Field(8, ge=1)  # the N of Best-of-N that the dataset's weights target
     rm_id: str | None = None  # required when the round has scores from several reward models
+
+
+class TrainConfig(_Config):
+    round: int = Field(0, ge=0)  # train on this round's dataset; writes the anchor of round + 1
+    dataset_id: str | None = None  # default: the round's newest dataset
+    beta: float = Field(0.5, ge=0, le=1)  # Jeffreys mix: 0 forward (mode covering) .. 1 backward (mode seeking)
+    gamma: float = Field(0.0, ge=0)  # weight of KL(pi || anchor), estimated on the anchor's pool
+    eta: float = Field(0.0, ge=0, le=1)  # EMA anchor step per optimizer step; 0 = hard refresh at the end
+    lr: float = Field(3e-4, gt=0)
+    warmup_steps: int = Field(10, ge=0)  # linear warm-up, then constant
+    epochs: int = Field(2, ge=1)  # passes over the dataset
+    micro_batch_size: int = Field(64, ge=1)  # sequences per forward pass (grouped by length)
+    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
+    max_grad_norm: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    checkpoint_every: int = Field(50, ge=1)  # optimizer steps between resumable checkpoints
+    seed: int = 0
+    device: str | None = None  # None picks cuda when available; bf16 autocast on cuda

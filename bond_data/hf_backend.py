@@ -95,6 +95,15 @@ def _top_p_renormalised(logq: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.log_softmax(logq.masked_fill(drop, float("-inf")), dim=-1)
 
 
+def prompt_token_ids(tokenizer, prompt: str, messages: list[dict] | None) -> list[int]:
+    """Token ids of a prompt: the chat template for messages, the plain text otherwise. The
+    trainer calls this too, so it scores completions after exactly the context they were sampled in."""
+    if messages is not None:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
 class TransformersBackend:
     name = "transformers"
 
@@ -113,11 +122,7 @@ class TransformersBackend:
         self.batch_size = batch_size
 
     def render(self, job: PromptJob) -> list[int]:
-        """Token ids of the prompt: the chat template for messages, the plain text otherwise."""
-        if job.messages is not None:
-            text = self.tokenizer.apply_chat_template(job.messages, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(job.prompt)["input_ids"]
+        return prompt_token_ids(self.tokenizer, job.prompt, job.messages)
 
     def generate(self, jobs: list[PromptJob], sampling: Sampling) -> list[list[Completion]]:
         rows = []  # (job index, position in job, prompt ids, seed)

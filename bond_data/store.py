@@ -94,10 +94,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def folder_sha256(folder: Path) -> str:
-    """Content hash of a checkpoint folder: every file's relative path and bytes, in sorted order."""
+CHECKPOINT_EXTRAS = ("trainer_state.pt", "manifest.json")  # beside a model, not part of its identity
+
+
+def folder_sha256(folder: Path, exclude: tuple[str, ...] = CHECKPOINT_EXTRAS) -> str:
+    """Content hash of a model folder: every file's relative path and bytes, in sorted order
+    (hidden files and the trainer's own state and manifest excluded)."""
     digest = hashlib.sha256()
-    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = sorted(p for p in Path(folder).rglob("*")
+                   if p.is_file() and not p.name.startswith(".") and p.name not in exclude)
     if not files:
         raise StoreError(f"{folder}: empty or missing checkpoint folder")
     for path in files:

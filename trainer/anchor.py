@@ -1,0 +1,21 @@
+"""The moving anchor: theta_a <- (1 - eta) theta_a + eta theta (BOND's EMA anchor, paper sec. 5).
+
+eta = 0 keeps the anchor fixed during the round and the round ends with a hard refresh (the next
+anchor is the trained policy); eta > 0 moves it every optimizer step and the EMA becomes the next
+round's generator.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def ema_update(anchor: dict[str, torch.Tensor], policy: dict[str, torch.Tensor], eta: float) -> None:
+    """In place, over matching floating-point tensors (buffers that are not floats are copied)."""
+    for name, a in anchor.items():
+        p = policy[name]
+        if a.is_floating_point():
+            a.lerp_(p.to(a.dtype), eta)
+        else:
+            a.copy_(p)

@@ -1,0 +1,264 @@
+"""The BOND trainer: distil the Best-of-N distribution of a round's anchor into the policy.
+
+    minimise  (1 - beta) KL(pi_BoN || pi) + beta KL(pi || pi_BoN) + gamma KL(pi || A)      (paper eq. 10)
+
+over the round's distillation dataset: every pool sample y_i ~ A with its exact weight w_i (Theorem
+1) and log A(y_i). Then refresh the anchor: the EMA of the policy (eta > 0) or the policy itself
+(eta = 0), registered as the next round's generator.
+
+How this differs from the paper: the forward term uses all k pool samples with exact weights
+instead of one sampled Best-of-N completion; the backward term is estimated offline on the
+anchor's pool with importance weights pi/A (trainer/losses.py) instead of on fresh policy samples.
+
+    bond train --store DIR --round R [--beta 0.5 --eta 0 ...]          # one process
+    torchrun --nproc_per_node=2 -m trainer.train --store DIR --round R  # DDP (gloo on CPU, nccl on GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bond_data.config import TrainConfig
+from bond_data.hf_backend import prompt_token_ids
+from bond_data.store import Store, StoreError
+from trainer import checkpoints
+from trainer.anchor import ema_update
+from trainer.losses import jeffreys_loss, sequence_logprobs
+
+
+def train(store_root: str, cfg: TrainConfig) -> dict:
+    store = Store(store_root)
+    rank, world = _init_distributed()
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    done = store.anchor(cfg.round + 1)
+    if done is not None:  # this round was trained and its successor registered: nothing to do
+        return {"round": cfg.round, "next_anchor": done, "skipped": True}
+
+    dataset = _dataset_record(store, cfg)
+    run_dir = store.root / "train" / f"round={cfg.round}" / dataset["dataset_id"]
+    resume = checkpoints.latest_checkpoint(run_dir)
+    anchor = store.anchor(cfg.round)
+    policy, tokenizer = _load(resume or anchor["anchor_path"], device)
+    ema = {k: v.detach().clone() for k, v in policy.state_dict().items()} if cfg.eta > 0 else None
+    model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
+
+    rows = _load_rows(store.root / dataset["path"], tokenizer)
+    plan = _batch_plan(rows, cfg, world)  # [step][micro-batch] -> row indices, for this rank
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    step = _restore(resume, opt, sched, ema) if resume else 0
+
+    log = _MetricsLog(run_dir / "metrics.jsonl", rank, total=len(plan), start=step)
+    while step < len(plan):
+        t0 = time.perf_counter()
+        metrics = _train_step(model, plan[step][rank], rows, cfg, device, world)  # forward + backward
+        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema_update(ema, policy.state_dict(), cfg.eta)
+        step += 1
+        log.write(step, metrics, time.perf_counter() - t0, sched.get_last_lr()[0])
+        if step % cfg.checkpoint_every == 0 or step == len(plan):
+            _checkpoint(run_dir / f"step-{step}", policy, tokenizer, opt, sched, ema, step, rank, world)
+    log.close()
+
+    return _refresh_anchor(store, cfg, dataset, anchor, policy, tokenizer, ema, rank, world)
+
+
+# ---- setup -----------------------------------------------------------------------------------
+def _init_distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _dataset_record(store: Store, cfg: TrainConfig) -> dict:
+    rows = store.query(
+        "SELECT dataset_id, path, n, rm_id FROM datasets WHERE round = $round "
+        "AND ($id IS NULL OR dataset_id = $id) ORDER BY registered_at DESC LIMIT 1",
+        {"round": cfg.round, "id": cfg.dataset_id},
+    ).to_pylist()
+    if not rows:
+        raise StoreError(f"round {cfg.round} has no dataset{' ' + cfg.dataset_id if cfg.dataset_id else ''}: run `bond build`")
+    return rows[0]
+
+
+def _load(folder, device: torch.device):
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    policy = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+    policy.train()
+    return policy, tokenizer
+
+
+def _load_rows(path: Path, tokenizer) -> list[dict]:
+    """Each row: prompt ids + completion ids (as generated), weight and log A."""
+    table = pq.read_table(path, columns=["prompt", "messages", "token_ids", "bon_weight", "anchor_logprob"])
+    rows = []
+    for r in table.to_pylist():
+        messages = json.loads(r["messages"]) if r["messages"] else None
+        prompt = prompt_token_ids(tokenizer, r["prompt"], messages)
+        rows.append({"prompt": prompt, "completion": r["token_ids"], "weight": r["bon_weight"],
+                     "logp_anchor": r["anchor_logprob"]})
+    return rows
+
+
+def _batch_plan(rows: list[dict], cfg: TrainConfig, world: int) -> list[list[list[list[int]]]]:
+    """plan[step][rank] = that rank's micro-batches. A global batch is shuffled per epoch, sorted by
+    length within itself (less padding) and dealt out identically whatever the world size, so a
+    run on 2 processes sees the same global batches as one process with twice the accumulation."""
+    per_step = cfg.micro_batch_size * cfg.grad_accum * world
+    lengths = np.array([len(r["prompt"]) + len(r["completion"]) for r in rows])
+    plan = []
+    for epoch in range(cfg.epochs):
+        order = np.random.default_rng(cfg.seed + epoch).permutation(len(rows))
+        for start in range(0, len(order) - per_step + 1, per_step):  # drop the ragged tail
+            batch = sorted(order[start : start + per_step].tolist(), key=lambda i: lengths[i])
+            micro = [batch[m : m + cfg.micro_batch_size] for m in range(0, per_step, cfg.micro_batch_size)]
+            plan.append([micro[r::world] for r in range(world)])
+    if not plan:
+        raise ValueError(f"dataset has {len(rows)} rows, fewer than one global batch of {per_step}")
+    return plan
+
+
+# ---- one optimizer step ----------------------------------------------------------------------
+def _train_step(model, micro_batches: list[list[int]], rows: list[dict], cfg: TrainConfig,
+                device: torch.device, world: int) -> dict:
+    """Forward + backward over this rank's micro-batches; losses scaled so that the summed (and
+    DDP-averaged) gradient is that of the global batch mean."""
+    global_rows = cfg.micro_batch_size * cfg.grad_accum * world
+    totals = {"loss": 0.0, "forward": 0.0, "backward": 0.0, "anchor_kl": 0.0, "log_ratio": 0.0, "tokens": 0}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    for i, idx in enumerate(micro_batches):
+        input_ids, attention, labels, mask = _collate([rows[j] for j in idx], device)
+        weight = torch.tensor([rows[j]["weight"] for j in idx], device=device, dtype=torch.float32)
+        logp_anchor = torch.tensor([rows[j]["logp_anchor"] for j in idx], device=device, dtype=torch.float32)
+        sync = contextlib.nullcontext() if i == len(micro_batches) - 1 or world == 1 else model.no_sync()
+        with sync:
+            with autocast:
+                logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]  # [B, T-1, V]
+            logp_policy = sequence_logprobs(logits, labels, mask)  # [B]
+            terms = jeffreys_loss(logp_policy, logp_anchor, weight, cfg.beta, cfg.gamma)
+            scale = len(idx) / global_rows * world
+            (terms["loss"] * scale).backward()
+        for k in ("loss", "forward", "backward", "anchor_kl"):
+            totals[k] += float(terms[k]) * len(idx) / global_rows * world
+        totals["log_ratio"] += float((logp_policy - logp_anchor).detach().sum()) / global_rows * world
+        totals["tokens"] += int(mask.sum())
+    return totals
+
+
+def _collate(batch: list[dict], device: torch.device):
+    """Right-padded [B, T] ids; labels are the next tokens; mask marks completion positions."""
+    seqs = [r["prompt"] + r["completion"] for r in batch]
+    width = max(map(len, seqs))
+    input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    attention = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width - 1)
+    for b, (r, s) in enumerate(zip(batch, seqs)):
+        input_ids[b, : len(s)] = torch.tensor(s)
+        attention[b, : len(s)] = 1
+        mask[b, len(r["prompt"]) - 1 : len(s) - 1] = 1  # position t predicts token t + 1
+    return input_ids.to(device), attention.to(device), input_ids[:, 1:].to(device), mask.to(device)
+
+
+# ---- logging, checkpoints, the anchor refresh -------------------------------------------------
+class _MetricsLog:
+    """JSONL of per-step metrics and a progress bar, on rank 0 only."""
+
+    def __init__(self, path: Path, rank: int, total: int, start: int):
+        self.rank = rank
+        if rank:
+            return
+        from rich.progress import Progress
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a")
+        self.progress = Progress(transient=True)
+        self.progress.start()
+        self.task = self.progress.add_task("training", total=total, completed=start)
+
+    def write(self, step: int, metrics: dict, seconds: float, lr: float) -> None:
+        if self.rank:
+            return
+        record = {"step": step, "lr": lr, **metrics, "tokens_per_s": metrics["tokens"] / seconds}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        self.progress.update(self.task, advance=1, description=f"loss {metrics['loss']:.4f}")
+
+    def close(self) -> None:
+        if not self.rank:
+            self.progress.stop()
+            self.file.close()
+
+
+def _checkpoint(folder: Path, policy, tokenizer, opt, sched, ema, step: int, rank: int, world: int) -> None:
+    if rank == 0:
+        state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "ema": ema,
+                 "rng": torch.get_rng_state()}
+        checkpoints.save_checkpoint(folder, policy, tokenizer, state=state, meta={"step": step})
+    if world > 1:
+        dist.barrier()
+
+
+def _restore(folder: Path, opt, sched, ema) -> int:
+    state = torch.load(folder / "trainer_state.pt", weights_only=False)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    if ema is not None and state["ema"] is not None:
+        for k, v in state["ema"].items():
+            ema[k].copy_(v)
+    torch.set_rng_state(state["rng"])
+    return state["step"]
+
+
+def _refresh_anchor(store: Store, cfg: TrainConfig, dataset: dict, anchor: dict, policy, tokenizer, ema,
+                    rank: int, world: int) -> dict:
+    """Write A_{t+1} (EMA or hard refresh) atomically, then register it: that starts round t + 1."""
+    folder = store.root / "anchors" / f"round={cfg.round + 1}"
+    if rank == 0:
+        if ema is not None:
+            policy.load_state_dict(ema)
+        meta = {"parent_round": cfg.round, "parent_hash": anchor["anchor_hash"], "dataset_id": dataset["dataset_id"]}
+        digest = checkpoints.save_checkpoint(folder, policy, tokenizer, meta=meta)
+        store.register_anchor(cfg.round + 1, str(folder), digest, parent_round=cfg.round,
+                              config={**cfg.model_dump(), **meta})
+    if world > 1:
+        dist.barrier()
+    return {"round": cfg.round, "next_anchor": store.anchor(cfg.round + 1), "skipped": False}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="BOND trainer (see the module docstring)")
+    ap.add_argument("--store", required=True)
+    ap.add_argument("--config")
+    for name, field in TrainConfig.model_fields.items():
+        ap.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_arg_type(field.annotation))
+    args = vars(ap.parse_args(argv))
+    cfg = TrainConfig.load(args.pop("config"), **{k: v for k, v in args.items() if k != "store"})
+    print(json.dumps(train(args["store"], cfg), default=str))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _arg_type(annotation):
+    return {int: int, float: float}.get(annotation, str)
+
+
+if __name__ == "__main__":
+    main()
