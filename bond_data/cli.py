@@ -7,6 +7,9 @@
     bond score     --store DIR [--round R] [--rm SPEC] [--rm-id ID]
     bond build     --store DIR [--round R] --n N [--rm ID]
     bond sql       --store DIR "QUERY" [--format table|csv|json]
+    bond train     --store DIR --round R [--beta B --eta E ...]   (torchrun: python -m trainer.train)
+    bond rounds    --store DIR --num M [--n 2 --k 8 ...]          iterative BOND, resumable
+    bond serve     --store DIR --cron "0 3 * * *" --num M         the rounds flow on a schedule
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import sys
 from pathlib import Path
 
 import flows  # noqa: F401  (sets Prefect's environment defaults before Prefect is imported)
-from bond_data.config import BuildConfig, GenerateConfig, ScoreConfig
+from bond_data.config import BuildConfig, GenerateConfig, ScoreConfig, TrainConfig
 
 TINY_REWARD = "bond_data.tiny_task:reward"
 
@@ -33,10 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bond", description="BOND: Best-of-N distillation pipeline")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="build the tiny task and curate one round on it")
+    p = sub.add_parser("demo", help="the tiny task: 3 rounds of Best-of-2 distillation, a table and a plot")
     p.add_argument("--store", default="demo-store")
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--k", type=int, default=8)
-    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--n", type=int, default=2)
 
     p = sub.add_parser("init", help="register the anchor (generator) of a round")
     p.add_argument("--store", required=True)
@@ -74,6 +78,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--round", type=int)
     p.add_argument("--n", type=int)
     p.add_argument("--rm", "--rm-id", dest="rm_id", help="reward model id (needed if the round has several)")
+
+    p = sub.add_parser("train", help="train on a round's dataset and register the next anchor")
+    p.add_argument("--store", required=True)
+    p.add_argument("--config", help="YAML file with TrainConfig keys")
+    for name, field in TrainConfig.model_fields.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type={int: int, float: float}.get(field.annotation, str))
+
+    for cmd in ("rounds", "serve"):
+        p = sub.add_parser(cmd, help="iterative BOND: generate, score, build, train, M rounds" if cmd == "rounds"
+                           else "serve the rounds flow as a Prefect deployment on a cron schedule")
+        p.add_argument("--store", required=True)
+        p.add_argument("--num", type=int, required=True, help="rounds in all (done ones are skipped)")
+        p.add_argument("--config", help="YAML with sections generate, score, build, train")
+        p.add_argument("--n", type=int, help="Best-of-n per round (build.n)")
+        p.add_argument("--k", type=int, help="samples per prompt (generate.k)")
+        p.add_argument("--rm", help=f"reward model (score.rm, default {TINY_REWARD})")
+        if cmd == "serve":
+            p.add_argument("--cron", required=True, help='e.g. "0 3 * * *"')
+            p.add_argument("--name", default="bond-rounds")
 
     p = sub.add_parser("sql", help="query the store read-only")
     p.add_argument("--store", required=True)
@@ -135,6 +158,42 @@ def cmd_build(args) -> None:
     print_summary(record, args.store)
 
 
+def cmd_train(args) -> None:
+    from trainer.train import train
+
+    cfg = TrainConfig.load(args.config, **_fields(args, TrainConfig))
+    print(json.dumps(train(args.store, cfg), default=str))
+
+
+def rounds_params(args) -> dict:
+    """generate / score / build / train sections: defaults <- YAML sections <- flags."""
+    import yaml
+
+    sections = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    gen = GenerateConfig.model_validate({**sections.get("generate", {}), **({"k": args.k} if args.k else {})})
+    sco = ScoreConfig.model_validate({"rm": TINY_REWARD, **sections.get("score", {}), **({"rm": args.rm} if args.rm else {})})
+    bui = BuildConfig.model_validate({**sections.get("build", {}), **({"n": args.n} if args.n else {})})
+    tra = TrainConfig.model_validate(sections.get("train", {}))
+    return {"generate": gen.model_dump(), "score": sco.model_dump(), "build": bui.model_dump(), "train": tra.model_dump()}
+
+
+def cmd_rounds(args) -> None:
+    from flows.round import bond_rounds
+
+    print(json.dumps(bond_rounds(str(Path(args.store).resolve()), args.num, **rounds_params(args)), default=str))
+
+
+def cmd_serve(args) -> None:
+    from prefect import serve
+
+    from flows.round import rounds_deployment
+
+    deployment = rounds_deployment(str(Path(args.store).resolve()), args.cron, args.num, **rounds_params(args),
+                                   name=args.name)
+    print(f"serving {args.name} on cron {args.cron!r}; Ctrl-C stops")
+    serve(deployment)
+
+
 def cmd_sql(args) -> None:
     from bond_data.store import Store, read_only_query
 
@@ -179,27 +238,54 @@ def print_summary(record: dict, store: str) -> None:
 
 
 def cmd_demo(args) -> None:
+    """Iterative BOND on the tiny task, then each round's anchor evaluated against pi_0."""
     from bond_data.prompts import add_prompts
     from bond_data.store import Store, folder_sha256
     from bond_data.tiny_task import ensure_tiny_task
-    from flows.round import curate_round
+    from flows.round import bond_rounds
+    from trainer import evaluate
 
     task = ensure_tiny_task()
     store = Store(args.store)
     store.register_anchor(0, str(task.model_dir), folder_sha256(task.model_dir), config={"source": "tiny task"})
     add_prompts(store, task.prompts_file)
-    record = curate_round(
-        str(store.root),
-        generate=GenerateConfig(round=0, k=args.k, max_new_tokens=16).model_dump(),
-        score=ScoreConfig(round=0, rm=task.reward).model_dump(),
-        build={"round": 0, "n": args.n},
-    )
-    print_summary(record, args.store)
-    print(f'try: bond sql --store {args.store} "SELECT prompt_id, avg(reward), max(reward) FROM pool GROUP BY 1 LIMIT 5"')
+    bond_rounds(str(store.root), args.rounds, generate=GenerateConfig(k=args.k, max_new_tokens=16).model_dump(),
+                score=ScoreConfig(rm=task.reward).model_dump(), build=BuildConfig(n=args.n).model_dump(),
+                train=DEMO_TRAIN.model_dump())
+    pool = evaluate.ensure_eval_pool(store.root / "eval", str(task.model_dir), str(task.eval_prompts_file), task.reward)
+    rows = []
+    for t in range(args.rounds + 1):
+        m = evaluate.evaluate_policy(store.anchor(t)["anchor_path"], str(task.model_dir), pool, task.reward)
+        rows.append({"round": t, **m, "analytic": evaluate.analytic_row(args.n**t)})
+    print_rounds(rows, args.n)
+    png = evaluate.plot_reward_vs_kl(rows, store.root / "rounds.png", args.n)
+    print(f"plot: {png}")
+    print(f'try: bond sql --store {args.store} "SELECT round, avg(reward) AS one_sample, '
+          f'avg(bon_weight * reward) AS best_of_{args.n} FROM bon_pool({args.n}) GROUP BY round ORDER BY round"')
+
+
+# Tuned on the tiny task: enough steps per round to move the policy towards its Best-of-2.
+DEMO_TRAIN = TrainConfig(beta=0.5, eta=0.0, lr=1e-3, epochs=4, micro_batch_size=32, warmup_steps=4,
+                         checkpoint_every=1000)
+
+
+def print_rounds(rows: list[dict], n: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"iterative BOND, Best-of-{n} per round, evaluated on held-out prompts against pi_0's pool")
+    for col in ["round", "N = n^t", "reward", "p_le", "BoN p_le", "log p_le", "BoN log p_le", "KL(pi_t||pi_0)", "BoN KL"]:
+        t.add_column(col, justify="right")
+    for r in rows:
+        a = r["analytic"]
+        t.add_row(str(r["round"]), str(a["N"]), f"{r['reward']:.4f}", f"{r['p_le']:.3f}", f"{a['p_le']:.3f}",
+                  f"{r['log_p_le']:.3f}", f"{a['log_p_le']:.3f}", f"{r['kl']:.3f}", f"{a['kl']:.3f}")
+    Console().print(t)
 
 
 COMMANDS = {"demo": cmd_demo, "init": cmd_init, "prompts": cmd_prompts, "generate": cmd_generate,
-            "score": cmd_score, "build": cmd_build, "sql": cmd_sql}
+            "score": cmd_score, "build": cmd_build, "sql": cmd_sql, "train": cmd_train, "rounds": cmd_rounds,
+            "serve": cmd_serve}
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,16 +1,20 @@
-"""One curation round as one Prefect flow: generate -> score -> build.
+"""Rounds as Prefect flows: a curated round, and iterative BOND over many rounds.
 
-    candidates ~ A_t (k per prompt)  ->  rewards  ->  exact Best-of-n weights  ->  dataset
+    round t:  candidates ~ A_t (k per prompt) -> rewards -> exact Best-of-n weights -> dataset
+              -> train (Jeffreys + EMA anchor) -> register A_{t+1}
+    A_{t+1}'s registration is what round t + 1 starts from; after M rounds the policy approximates
+    Best-of-n^M of A_0.
 
-Each stage is its own subflow (flows/stages.py), so a re-run after a crash skips what is done.
-(The trainer issue appends train -> register A_{t+1} to this sequence.)
+Each stage is its own subflow or task and skips what is done, so re-running after a crash resumes
+where it stopped: finished shards, datasets and rounds (a registered A_{t+1}) are skipped.
 """
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, task
 
-from bond_data.config import BuildConfig, GenerateConfig, ScoreConfig
+from bond_data.config import BuildConfig, GenerateConfig, ScoreConfig, TrainConfig
+from bond_data.store import Store, StoreError
 from flows.stages import run_build, run_generate, run_score
 
 
@@ -19,3 +23,35 @@ def curate_round(store: str, generate: dict, score: dict, build: dict) -> dict:
     run_generate(store, GenerateConfig.model_validate(generate))
     scored = run_score(store, ScoreConfig.model_validate(score))
     return run_build(store, BuildConfig.model_validate({**build, "rm_id": build.get("rm_id") or scored["rm_id"]}))
+
+
+@task(name="train-round", task_run_name="train-round-{cfg[round]}")
+def train_task(store: str, cfg: dict) -> dict:
+    from trainer.train import train
+
+    return train(store, TrainConfig.model_validate(cfg))
+
+
+@flow(name="bond-rounds", log_prints=True)
+def bond_rounds(store: str, num: int, generate: dict, score: dict, build: dict, train: dict) -> list[dict]:
+    """Run rounds 0..num-1, each from the anchor the previous one registered."""
+    st = Store(store)
+    done = []
+    for t in range(num):
+        if st.anchor(t) is None:
+            raise StoreError(f"round {t} has no anchor: register round 0's with `bond init`")
+        if st.anchor(t + 1) is not None:
+            print(f"round {t}: done (anchor {t + 1} registered), skipping")
+            continue
+        dataset = curate_round(store, {**generate, "round": t}, {**score, "round": t}, {**build, "round": t})
+        result = train_task(store, {**train, "round": t, "dataset_id": dataset["dataset_id"]})
+        print(f"round {t}: trained on {dataset['dataset_id']}; anchor {t + 1} = {result['next_anchor']['anchor_hash'][:12]}")
+        done.append({"round": t, "dataset_id": dataset["dataset_id"], "next_anchor": result["next_anchor"]})
+    return done
+
+
+def rounds_deployment(store: str, cron: str, num: int, generate: dict, score: dict, build: dict, train: dict,
+                      name: str = "bond-rounds"):
+    """A deployment of `bond-rounds` on a cron schedule (what `bond serve` serves)."""
+    params = {"store": store, "num": num, "generate": generate, "score": score, "build": build, "train": train}
+    return bond_rounds.to_deployment(name=name, cron=cron, parameters=params)

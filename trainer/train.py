@@ -157,7 +157,7 @@ def _train_step(model, micro_batches: list[list[int]], rows: list[dict], cfg: Tr
             scale = len(idx) / global_rows * world
             (terms["loss"] * scale).backward()
         for k in ("loss", "forward", "backward", "anchor_kl"):
-            totals[k] += float(terms[k]) * len(idx) / global_rows * world
+            totals[k] += float(terms[k].detach()) * len(idx) / global_rows * world
         totals["log_ratio"] += float((logp_policy - logp_anchor).detach().sum()) / global_rows * world
         totals["tokens"] += int(mask.sum())
     return totals

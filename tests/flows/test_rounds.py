@@ -1,0 +1,71 @@
+"""Iterative BOND under a real Prefect server: rounds chain through registered anchors, a
+`bond rounds` killed with SIGKILL resumes with nothing duplicated, and the cron deployment."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bond_data.config import BuildConfig, GenerateConfig, ScoreConfig, TrainConfig
+from flows.round import bond_rounds, rounds_deployment
+from testutil import REWARD
+
+pytestmark = pytest.mark.slow
+
+TRAIN = TrainConfig(micro_batch_size=8, epochs=1, checkpoint_every=2, lr=1e-3).model_dump()
+GEN = GenerateConfig(k=4, max_new_tokens=6, shard_prompts=2).model_dump()
+
+
+def test_rounds_chain_through_registered_anchors(prefect_server, store):
+    params = dict(generate=GEN, score=ScoreConfig(rm=REWARD).model_dump(), build=BuildConfig(n=2).model_dump(), train=TRAIN)
+    done = bond_rounds(str(store.root), 2, **params)
+    assert [d["round"] for d in done] == [0, 1]
+    rounds = store.query("SELECT round, parent_round, anchor_hash FROM rounds ORDER BY round").to_pylist()
+    assert [(r["round"], r["parent_round"]) for r in rounds] == [(0, None), (1, 0), (2, 1)]
+    # round 1 generated from anchor 1: its candidates carry that anchor's hash
+    hashes = store.query("SELECT round, any_value(anchor_hash) h, count(DISTINCT anchor_hash) d FROM candidates GROUP BY 1 ORDER BY 1")
+    assert [(r["round"], r["h"], r["d"]) for r in hashes.to_pylist()] == [(t, rounds[t]["anchor_hash"], 1) for t in (0, 1)]
+    assert bond_rounds(str(store.root), 2, **params) == []  # all done: nothing re-run
+
+
+def test_rounds_killed_mid_run_then_rerun_duplicate_nothing(prefect_server, store, tmp_path):
+    cfg = tmp_path / "rounds.yaml"
+    cfg.write_text(
+        "generate: {k: 4, max_new_tokens: 6, shard_prompts: 1, max_workers: 1}\n"
+        f"score: {{rm: '{REWARD}'}}\n"
+        "train: {micro_batch_size: 8, epochs: 2, checkpoint_every: 1, lr: 0.001}\n"
+    )
+    cmd = [sys.executable, "-m", "bond_data.cli", "rounds", "--store", str(store.root), "--num", "2", "--n", "2",
+           "--config", str(cfg)]
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    target = store.root / "candidates" / "round=1"  # kill inside round 1's generation
+    while time.time() < deadline and len(list(target.glob("*.parquet"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(list(target.glob("*.parquet"))) < 10, "the kill must land mid-run"
+
+    subprocess.run(cmd, env=env, check=True, timeout=400, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert store.query("SELECT list(round ORDER BY round) r FROM rounds").to_pylist() == [{"r": [0, 1, 2]}]
+    counts = store.query("SELECT round, count(*) c, count(DISTINCT candidate_id) d FROM candidates GROUP BY 1 ORDER BY 1")
+    assert counts.to_pylist() == [{"round": 0, "c": 40, "d": 40}, {"round": 1, "c": 40, "d": 40}]
+    assert store.query("SELECT count(*) c, count(DISTINCT candidate_id || rm_id) d FROM scores").to_pylist() == [{"c": 80, "d": 80}]
+    registered = {m["path"] for kind in ("candidates", "scores") for m in store.registered_shards(kind)}
+    on_disk = {p.relative_to(store.root).as_posix() for sub in ("candidates", "scores")
+               for p in (store.root / sub).rglob("*") if p.is_file()}
+    assert on_disk == registered
+    assert store.query("SELECT count(*) c FROM datasets").to_pylist() == [{"c": 2}]
+
+
+def test_serve_builds_a_cron_deployment(store):
+    d = rounds_deployment(str(store.root), "0 3 * * *", 3, generate=GEN, score=ScoreConfig(rm=REWARD).model_dump(),
+                          build=BuildConfig(n=2).model_dump(), train=TRAIN, name="nightly")
+    assert d.name == "nightly" and d.parameters["num"] == 3 and d.parameters["store"] == str(store.root)
+    assert [s.schedule.cron for s in d.schedules] == ["0 3 * * *"]

@@ -1,0 +1,153 @@
+"""Evaluation against pi_0's pool: the pool is built once and rebuilt when its inputs change, p_le
+matches a naive count, KL(pi_0 || pi_0) is 0 and a perturbed policy's KL is positive, the analytic
+Best-of-N row, and the plot."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from testutil import REWARD, write_jsonl
+from trainer import evaluate
+
+WORDS = ["dbca", "hello", "kite", "lamp", "qwerty"]
+
+
+@pytest.fixture(scope="module")
+def eval_prompts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prompts")
+    return write_jsonl(folder / "eval_prompts.jsonl", [{"prompt": f"sort: {w} ="} for w in WORDS])
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory, untrained_model, eval_prompts):
+    """Built once for the module; tests that rebuild a pool use their own folder."""
+    return evaluate.ensure_eval_pool(tmp_path_factory.mktemp("pool") / "eval", str(untrained_model),
+                                     str(eval_prompts), REWARD, k=32, max_new_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def perturbed_model(tmp_path_factory, untrained_model):
+    """The untrained model with noise added to every weight: a policy that differs from pi_0."""
+    model = AutoModelForCausalLM.from_pretrained(untrained_model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    out = tmp_path_factory.mktemp("perturbed") / "tiny"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(untrained_model).save_pretrained(out)
+    return out
+
+
+def test_pool_is_built_once_and_rebuilt_when_its_inputs_change(tmp_path, untrained_model, eval_prompts,
+                                                                 perturbed_model):
+    def build(k, pi0=untrained_model):
+        return evaluate.ensure_eval_pool(tmp_path / "eval", str(pi0), str(eval_prompts), REWARD, k=k, max_new_tokens=8)
+
+    def meta():
+        return json.loads((tmp_path / "eval" / "eval_pool.json").read_text())
+
+    pool = build(8)
+    first = pq.read_table(pool)
+    assert pool == tmp_path / "eval" / "eval_pool.parquet"
+    assert first.column_names == ["prompt", "completion", "reward"] and first.num_rows == 8 * len(WORDS)
+    assert first.column("prompt").to_pylist()[::8] == [f"sort: {w} =" for w in WORDS]
+    assert meta()["k"] == 8 and meta()["reward_spec"] == REWARD and len(meta()["pi0_hash"]) == 64
+
+    mtime = pool.stat().st_mtime_ns
+    assert build(8) == pool and pool.stat().st_mtime_ns == mtime  # reused, not rewritten
+
+    assert build(12) == pool and pq.read_metadata(pool).num_rows == 12 * len(WORDS) and meta()["k"] == 12
+    hash0 = meta()["pi0_hash"]
+    build(12, perturbed_model)
+    assert meta()["pi0_hash"] != hash0
+    assert pq.read_table(build(8)).equals(first)  # back to the first arguments: the same samples again
+    assert sorted(p.name for p in pool.parent.iterdir()) == ["eval_pool.json", "eval_pool.parquet"]  # no temp files
+
+
+def test_quantile_against_pool_matches_a_naive_count():
+    rng = np.random.default_rng(0)
+    pool_rewards = rng.integers(0, 4, size=17).astype(float)  # many ties
+    rewards = np.array([-1.0, 0.0, 1.0, 2.0, 3.0, 3.5])
+    naive = [(sum(q <= r for q in pool_rewards) + 1) / (len(pool_rewards) + 1) for r in rewards]
+    np.testing.assert_allclose(evaluate.quantile_against_pool(pool_rewards, rewards), naive)
+    assert evaluate.quantile_against_pool(pool_rewards, np.array([-1.0]))[0] == 1 / 18  # alone: never 0
+    assert evaluate.quantile_against_pool(pool_rewards, np.array([9.0]))[0] == 1.0
+
+
+def test_pi0_against_itself(pool, untrained_model):
+    m = evaluate.evaluate_policy(str(untrained_model), str(untrained_model), pool, REWARD,
+                                 samples_per_prompt=16, max_new_tokens=8)
+    assert set(m) == {"reward", "p_le", "log_p_le", "kl", "samples"}
+    assert m["samples"] == 16 * len(WORDS)
+    assert abs(m["kl"]) < 1e-3  # generation's log-probs and pi_0's forward pass agree
+    assert 0 < m["p_le"] <= 1 and m["log_p_le"] <= 0 and math.isfinite(m["log_p_le"])
+    # Same distribution as the pool, so p_le is about 1/2 plus half the tie probability (large
+    # here: the reward has 4 levels). Its expectation, estimated leave-one-out on the pool itself:
+    rows = pq.read_table(pool).to_pylist()
+    loo = []
+    for prompt in {r["prompt"] for r in rows}:
+        rs = [r["reward"] for r in rows if r["prompt"] == prompt]
+        loo += [(sum(q <= x for q in rs) - 1 + 1) / len(rs) for x in rs]  # the other k-1, plus itself
+    assert abs(m["p_le"] - np.mean(loo)) < 0.12  # ~3.5 standard errors for 80 samples
+    assert abs(m["reward"] - pq.read_table(pool).column("reward").to_numpy().mean()) < 0.5
+
+
+def test_p_le_and_reward_match_a_naive_loop(pool, untrained_model, monkeypatch):
+    """Recompute evaluate_policy's p_le and reward from its own samples with plain Python."""
+    seen = []
+    real = evaluate._rewards
+
+    def spy(spec, pairs):
+        out = real(spec, pairs)
+        seen.extend(zip(pairs, out))
+        return out
+
+    monkeypatch.setattr(evaluate, "_rewards", spy)
+    m = evaluate.evaluate_policy(str(untrained_model), str(untrained_model), pool, REWARD,
+                                 samples_per_prompt=4, max_new_tokens=8)
+    rows = pq.read_table(pool).to_pylist()
+    p_le = []
+    for (prompt, _), r in seen:
+        pool_r = [row["reward"] for row in rows if row["prompt"] == prompt]
+        p_le.append((sum(q <= r for q in pool_r) + 1) / (len(pool_r) + 1))
+    assert len(seen) == m["samples"] == 4 * len(WORDS)
+    assert m["p_le"] == pytest.approx(sum(p_le) / len(p_le))
+    assert m["log_p_le"] == pytest.approx(sum(map(math.log, p_le)) / len(p_le))
+    assert m["reward"] == pytest.approx(sum(r for _, r in seen) / len(seen))
+
+
+def test_policy_samples_use_seeds_distinct_from_the_pool():
+    pool_seeds = {evaluate._seed("pool", 0, i, s) for i in range(5) for s in range(64)}
+    eval_seeds = {evaluate._seed("eval", 0, i, s) for i in range(5) for s in range(64)}
+    assert len(pool_seeds) == len(eval_seeds) == 5 * 64 and not pool_seeds & eval_seeds
+
+
+def test_a_different_policy_has_positive_kl(pool, untrained_model, perturbed_model):
+    m = evaluate.evaluate_policy(str(perturbed_model), str(untrained_model), pool, REWARD,
+                                 samples_per_prompt=8, max_new_tokens=8)
+    assert m["kl"] > 0.1
+    assert 0 < m["p_le"] <= 1
+
+
+def test_analytic_row():
+    assert evaluate.analytic_row(1) == {"N": 1, "p_le": 0.5, "log_p_le": -1.0, "kl": 0.0}
+    row = evaluate.analytic_row(4)
+    assert row["N"] == 4 and row["p_le"] == pytest.approx(0.8) and row["log_p_le"] == pytest.approx(-0.25)
+    assert row["kl"] == pytest.approx(math.log(4) - 0.75)
+
+
+def test_plot_writes_a_png(tmp_path):
+    rows = [{"round": t, "reward": 0.7 + 0.05 * t, "p_le": 0.5 + 0.1 * t, "log_p_le": -1 / 2**t,
+             "kl": 0.2 * t, "analytic": evaluate.analytic_row(2**t)} for t in range(3)]
+    out = evaluate.plot_reward_vs_kl(rows, tmp_path / "plots" / "rounds.png", n=2)
+    assert out == tmp_path / "plots" / "rounds.png"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert [p.name for p in out.parent.iterdir()] == ["rounds.png"]  # the temp file was renamed

@@ -1,0 +1,212 @@
+"""Evaluation of a policy against the first reference policy pi_0, next to analytic Best-of-N.
+
+Why a fixed pool: BOND's quantile p_le(y) = P_{y' ~ pi_0}[r(y') <= r(y)] is measured against pi_0,
+so we draw k completions per held-out prompt from pi_0 once (`ensure_eval_pool`) and compare every
+round's policy to that same pool. If pi_t were exactly Best-of-N of pi_0 (N = n^t), the quantile of
+its samples would be Beta(N, 1): E[p_le] = N/(N+1), E[log p_le] = -1/N, KL(pi_t || pi_0) =
+log N - (N-1)/N (`analytic_row`). `evaluate_policy` measures the same three numbers and the mean
+reward, and `plot_reward_vs_kl` draws them for a run of rounds.
+
+p_le of a policy sample y counts y itself among the pool, (#{pool r <= r(y)} + 1) / (k + 1), as the
+dataset's definition does, so log p_le is always finite; for pi_0 against its own pool with
+continuous rewards its mean is (k+2) / (2(k+1)), a shade above 1/2 (ties push it higher still).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bond_data.bon import analytic_bon
+from bond_data.store import file_sha256, folder_sha256, write_parquet_atomic
+
+POOL_FILE, META_FILE = "eval_pool.parquet", "eval_pool.json"
+BATCH_SIZE = 64  # generation, reward and pi_0 scoring micro-batches
+
+
+def _seed(tag: str, seed: int, prompt_index: int, sample_index: int) -> int:
+    """A 63-bit seed per (purpose, seed, prompt, sample): the pool ("pool") and the policy samples
+    ("eval") never share a seed, and a sample does not depend on batching."""
+    digest = hashlib.sha256(f"{tag}\0{seed}\0{prompt_index}\0{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _backend(model_dir: str):
+    import torch
+
+    from bond_data.hf_backend import TransformersBackend
+
+    return TransformersBackend(model_dir, batch_size=BATCH_SIZE, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sample(backend, prompts: list[str], per_prompt: int, max_new_tokens: int, tag: str, seed: int):
+    """per_prompt completions of every prompt at temperature 1 (the distribution KL is about)."""
+    from bond_data.generate import PromptJob, Sampling
+
+    jobs = [PromptJob(str(i), p, None, list(range(per_prompt)), [_seed(tag, seed, i, s) for s in range(per_prompt)])
+            for i, p in enumerate(prompts)]
+    return backend.generate(jobs, Sampling(temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens))
+
+
+def _rewards(reward_spec: str, pairs: list[tuple[str, str]]) -> np.ndarray:
+    from bond_data.score import RewardError, load_reward_model, score_pairs
+
+    rewards = np.asarray(score_pairs(load_reward_model(reward_spec).score_batch, pairs, BATCH_SIZE))
+    if not np.all(np.isfinite(rewards)):
+        bad = int(np.flatnonzero(~np.isfinite(rewards))[0])
+        raise RewardError(f"reward model {reward_spec} returned {rewards[bad]} for {pairs[bad]!r}")
+    return rewards
+
+
+# ---- the pool ----------------------------------------------------------------------------------
+def ensure_eval_pool(folder: Path, pi0_dir: str, prompts_file: str, reward_spec: str, k: int = 64,
+                     max_new_tokens: int = 16, seed: int = 0) -> Path:
+    """Sample k completions per held-out prompt from pi_0 once, score them, write
+    `folder/eval_pool.parquet` (columns prompt, completion, reward) and return its path.
+
+    Reused while `eval_pool.json` beside it records the same arguments and the same content of
+    pi_0, of the prompts file and of the reward model; rebuilt otherwise. The record is removed
+    before the pool is rewritten, so a crash in between never leaves a stale record that matches.
+    """
+    from bond_data.score import describe_reward_model
+
+    folder = Path(folder)
+    pool, meta_path = folder / POOL_FILE, folder / META_FILE
+    meta = {"pi0_hash": folder_sha256(Path(pi0_dir)), "prompts_hash": file_sha256(Path(prompts_file)),
+            "reward_spec": reward_spec, "reward_hash": describe_reward_model(reward_spec)[1],
+            "k": k, "max_new_tokens": max_new_tokens, "seed": seed}
+    if pool.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
+        return pool
+    meta_path.unlink(missing_ok=True)
+    prompts = [json.loads(line)["prompt"] for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+    outs = _sample(_backend(pi0_dir), prompts, k, max_new_tokens, "pool", seed)
+    pairs = [(p, c.text) for p, cs in zip(prompts, outs) for c in cs]
+    rewards = _rewards(reward_spec, pairs)
+    table = pa.table({"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs],
+                      "reward": pa.array(rewards, pa.float64())})
+    write_parquet_atomic(table, pool)
+    tmp = meta_path.with_name(f".{META_FILE}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, meta_path)
+    return pool
+
+
+def _read_pool(pool_path: Path) -> dict[str, np.ndarray]:
+    """Prompt -> its pool rewards, prompts in file order."""
+    table = pq.read_table(pool_path, columns=["prompt", "reward"]).to_pydict()
+    groups: dict[str, list[float]] = {}
+    for p, r in zip(table["prompt"], table["reward"]):
+        groups.setdefault(p, []).append(r)
+    return {p: np.asarray(rs, dtype=np.float64) for p, rs in groups.items()}
+
+
+def quantile_against_pool(pool_rewards: np.ndarray, reward: np.ndarray) -> np.ndarray:
+    """(#{pool r <= r(y)} + 1) / (k + 1): y counts itself, so p_le is in (0, 1] and log p_le finite."""
+    below = np.searchsorted(np.sort(pool_rewards), reward, side="right")
+    return (below + 1) / (len(pool_rewards) + 1)
+
+
+# ---- one policy ------------------------------------------------------------------------------
+def _logprobs_under(backend, prompts: list[str], token_ids: list[list[int]]) -> np.ndarray:
+    """log pi_0(y | x) of given completion token ids: one forward pass per right-padded micro-batch
+    over the exact context they were sampled in (prompt_token_ids), as the trainer scores them."""
+    import torch
+
+    from bond_data.hf_backend import prompt_token_ids
+    from trainer.losses import sequence_logprobs
+
+    out = []
+    for start in range(0, len(prompts), BATCH_SIZE):
+        ctx = [prompt_token_ids(backend.tokenizer, p, None) for p in prompts[start : start + BATCH_SIZE]]
+        seqs = [c + y for c, y in zip(ctx, token_ids[start : start + BATCH_SIZE])]
+        width = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        attention = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width - 1)
+        for b, (c, s) in enumerate(zip(ctx, seqs)):
+            ids[b, : len(s)], attention[b, : len(s)] = torch.tensor(s), 1
+            mask[b, len(c) - 1 : len(s) - 1] = 1  # position t predicts token t + 1
+        ids, attention, mask = ids.to(backend.device), attention.to(backend.device), mask.to(backend.device)
+        with torch.inference_mode():
+            logits = backend.model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        out.append(sequence_logprobs(logits, ids[:, 1:], mask).double().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def evaluate_policy(policy_dir: str, pi0_dir: str, pool_path: Path, reward_spec: str,
+                    samples_per_prompt: int = 8, max_new_tokens: int = 16, seed: int = 1) -> dict:
+    """Mean reward, p_le, log p_le and KL(pi_t || pi_0) of fresh policy samples on the pool's prompts.
+
+    kl is the Monte Carlo mean of log pi_t(y) - log pi_0(y) over y ~ pi_t: log pi_t is what the
+    sampling backend recorded (temperature 1), log pi_0 a forward pass of pi_0 on the same token ids.
+    For policy_dir == pi0_dir both sides are the same model, so kl is 0 up to float noise.
+    """
+    pool = _read_pool(Path(pool_path))
+    prompts = list(pool)
+    outs = _sample(_backend(policy_dir), prompts, samples_per_prompt, max_new_tokens, "eval", seed)
+    flat_prompts = [p for p, cs in zip(prompts, outs) for _ in cs]
+    flat = [c for cs in outs for c in cs]
+    rewards = _rewards(reward_spec, [(p, c.text) for p, c in zip(flat_prompts, flat)])
+    per_prompt = rewards.reshape(len(prompts), samples_per_prompt)
+    p_le = np.concatenate([quantile_against_pool(pool[p], r) for p, r in zip(prompts, per_prompt)])
+    logp_policy = np.array([c.anchor_logprob for c in flat], dtype=np.float64)
+    logp_pi0 = _logprobs_under(_backend(pi0_dir), flat_prompts, [c.token_ids for c in flat])
+    return {"reward": float(rewards.mean()), "p_le": float(p_le.mean()), "log_p_le": float(np.log(p_le).mean()),
+            "kl": float((logp_policy - logp_pi0).mean()), "samples": len(flat)}
+
+
+def analytic_row(N: int) -> dict:
+    """What exact Best-of-N of pi_0 would give (continuous rewards): the reference for round t, N = n^t."""
+    a = analytic_bon(N)
+    return {"N": N, "p_le": a["mean_quantile"], "log_p_le": a["mean_log_quantile"], "kl": a["kl"]}
+
+
+# ---- the plot ----------------------------------------------------------------------------------
+def plot_reward_vs_kl(rows: list[dict], out_png: Path, n: int) -> Path:
+    """Two panels against KL(pi_t || pi_0): measured mean p_le with the analytic Best-of-N curve and
+    its points N = n^t (left), and mean reward (right); each round marked 't=..'. Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_png = Path(out_png)
+    rounds = [r["round"] for r in rows]
+    kl, p_le, reward = ([r[key] for r in rows] for key in ("kl", "p_le", "reward"))
+    big_n = np.linspace(1.0, 2.0 * n ** max(rounds, default=0), 400)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    left.plot(np.log(big_n) - (big_n - 1) / big_n, big_n / (big_n + 1), color="grey", lw=1.5,
+              label="Best-of-N (analytic)")
+    ref = [analytic_row(n**t) for t in rounds]
+    left.scatter([a["kl"] for a in ref], [a["p_le"] for a in ref], marker="x", color="grey", zorder=3,
+                 label=f"N = {n}^t")
+    for a in ref:
+        left.annotate(f"N={a['N']}", (a["kl"], a["p_le"]), textcoords="offset points", xytext=(4, -12),
+                      fontsize=8, color="grey")
+    for ax, ys, name in ((left, p_le, "mean quantile p_le"), (right, reward, "mean reward")):
+        ax.plot(kl, ys, "o-", color="tab:blue", label="measured, round t")
+        for t, x, y in zip(rounds, kl, ys):
+            ax.annotate(f"t={t}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=9)
+        ax.set_xlabel(r"KL($\pi_t \,\|\, \pi_0$) (nats)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    left.set_title(f"quantile vs KL: BOND rounds vs Best-of-{n}^t")
+    right.set_title("reward vs KL")
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(f".{out_png.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, out_png)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return out_png
