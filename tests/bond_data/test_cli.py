@@ -1,0 +1,32 @@
+"""The CLI's error paths: a clear message, exit code 2, nothing changed."""
+
+from bond_data.cli import main
+from bond_data.store import file_sha256
+
+
+def test_sql_refuses_a_write_with_exit_code_2(store, capsys):
+    before = file_sha256(store.catalog_path)
+    assert main(["sql", "--store", str(store.root), "DROP TABLE shards"]) == 2
+    assert "read-only" in capsys.readouterr().err
+    assert file_sha256(store.catalog_path) == before
+
+
+def test_sql_formats(store, capsys):
+    assert main(["sql", "--store", str(store.root), "--format", "csv", "SELECT count(*) AS n FROM prompts"]) == 0
+    assert capsys.readouterr().out.splitlines() == ['"n"', "10"]
+    assert main(["sql", "--store", str(store.root), "--format", "json", "SELECT count(*) AS n FROM prompts"]) == 0
+    assert '"n": 10' in capsys.readouterr().out
+
+
+def test_bad_prompt_file_names_line_and_field(store, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"messages": "not a list"}\n')
+    assert main(["prompts", "add", "--store", str(store.root), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2" in err and "'messages'" in err
+    assert store.query("SELECT count(*) c FROM prompts").to_pylist() == [{"c": 10}]
+
+
+def test_sql_on_a_folder_that_is_not_a_store(tmp_path, capsys):
+    assert main(["sql", "--store", str(tmp_path / "nothing"), "SELECT 1"]) == 2
+    assert "no catalog" in capsys.readouterr().err
