@@ -94,3 +94,15 @@ def analytic_bon(n: int) -> dict[str, float]:
         "mean_log_quantile": -1.0 / n,
         "kl": float(np.log(n) - (n - 1) / n),
     }
+
+
+def ks_distance_to_beta(quantiles: np.ndarray, n: int) -> float:
+    """Kolmogorov-Smirnov distance sup_q |F_emp(q) - q^n| between sampled quantiles and Beta(n, 1),
+    the law of a Best-of-n sample's quantile under a continuous reward."""
+    q = np.sort(np.asarray(quantiles, dtype=np.float64))
+    if q.size == 0:
+        raise ValueError("no quantiles")
+    cdf = q**n
+    above = np.arange(1, q.size + 1) / q.size - cdf  # F_emp just after each point
+    below = cdf - np.arange(0, q.size) / q.size  # F_emp just before it
+    return float(max(above.max(), below.max()))

@@ -159,7 +159,23 @@ def evaluate_policy(policy_dir: str, pi0_dir: str, pool_path: Path, reward_spec:
     logp_policy = np.array([c.anchor_logprob for c in flat], dtype=np.float64)
     logp_pi0 = _logprobs_under(_backend(pi0_dir), flat_prompts, [c.token_ids for c in flat])
     return {"reward": float(rewards.mean()), "p_le": float(p_le.mean()), "log_p_le": float(np.log(p_le).mean()),
-            "kl": float((logp_policy - logp_pi0).mean()), "samples": len(flat)}
+            "kl": float((logp_policy - logp_pi0).mean()), "samples": len(flat), "quantiles": p_le.tolist()}
+
+
+def evaluate_best_of_n(pi0_dir: str, pool_path: Path, reward_spec: str, n: int, samples_per_prompt: int = 8,
+                       max_new_tokens: int = 16, seed: int = 2) -> dict:
+    """Best-of-n sampling itself (the target BOND distils): per prompt, `samples_per_prompt` groups of
+    n fresh pi_0 samples, the best of each group kept (the first wins ties, as an argmax does).
+    Its KL to pi_0 has no sample estimate (no density); report the analytic value beside it."""
+    pool = _read_pool(Path(pool_path))
+    prompts = list(pool)
+    outs = _sample(_backend(pi0_dir), prompts, samples_per_prompt * n, max_new_tokens, f"bon{n}", seed)
+    pairs = [(p, c.text) for p, cs in zip(prompts, outs) for c in cs]
+    rewards = _rewards(reward_spec, pairs).reshape(len(prompts), samples_per_prompt, n)
+    best = rewards[np.arange(len(prompts))[:, None], np.arange(samples_per_prompt)[None, :], rewards.argmax(-1)]
+    p_le = np.concatenate([quantile_against_pool(pool[p], r) for p, r in zip(prompts, best)])
+    return {"reward": float(best.mean()), "p_le": float(p_le.mean()), "log_p_le": float(np.log(p_le).mean()),
+            "kl": analytic_row(n)["kl"], "samples": int(rewards.size), "quantiles": p_le.tolist()}
 
 
 def analytic_row(N: int) -> dict:

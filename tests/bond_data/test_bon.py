@@ -101,3 +101,13 @@ def test_analytic_references_match_beta_simulation():
     assert np.log(q).mean() == pytest.approx(ref["mean_log_quantile"], abs=2e-3)
     # KL(Beta(n,1) || U(0,1)) = E[log(n q^(n-1))]
     assert np.mean(np.log(n) + (n - 1) * np.log(q)) == pytest.approx(ref["kl"], abs=1e-2)
+
+
+def test_ks_distance_matches_a_fine_grid_and_detects_the_wrong_n():
+    rng = np.random.default_rng(3)
+    q = rng.random((4000, 4)).max(axis=1)  # Beta(4, 1)
+    grid = np.linspace(0, 1, 20001)
+    emp = np.searchsorted(np.sort(q), grid, side="right") / q.size
+    brute = np.abs(emp - grid**4).max()
+    assert bon.ks_distance_to_beta(q, 4) == pytest.approx(brute, abs=1e-3)
+    assert bon.ks_distance_to_beta(q, 4) < 0.03 < 0.2 < bon.ks_distance_to_beta(q, 1)

@@ -85,7 +85,8 @@ def test_quantile_against_pool_matches_a_naive_count():
 def test_pi0_against_itself(pool, untrained_model):
     m = evaluate.evaluate_policy(str(untrained_model), str(untrained_model), pool, REWARD,
                                  samples_per_prompt=16, max_new_tokens=8)
-    assert set(m) == {"reward", "p_le", "log_p_le", "kl", "samples"}
+    assert set(m) == {"reward", "p_le", "log_p_le", "kl", "samples", "quantiles"}
+    assert len(m["quantiles"]) == m["samples"]
     assert m["samples"] == 16 * len(WORDS)
     assert abs(m["kl"]) < 1e-3  # generation's log-probs and pi_0's forward pass agree
     assert 0 < m["p_le"] <= 1 and m["log_p_le"] <= 0 and math.isfinite(m["log_p_le"])
@@ -151,3 +152,11 @@ def test_plot_writes_a_png(tmp_path):
     assert out == tmp_path / "plots" / "rounds.png"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     assert [p.name for p in out.parent.iterdir()] == ["rounds.png"]  # the temp file was renamed
+
+
+def test_best_of_n_sampling_keeps_the_best_of_each_group(pool, untrained_model):
+    one = evaluate.evaluate_best_of_n(str(untrained_model), pool, REWARD, n=1, samples_per_prompt=16)
+    four = evaluate.evaluate_best_of_n(str(untrained_model), pool, REWARD, n=4, samples_per_prompt=16)
+    assert one["samples"] == 16 * len(WORDS) and four["samples"] == 4 * 16 * len(WORDS)
+    assert four["p_le"] > one["p_le"] and four["reward"] > one["reward"]
+    assert four["kl"] == pytest.approx(np.log(4) - 3 / 4) and len(four["quantiles"]) == 16 * len(WORDS)
