@@ -2,7 +2,7 @@
 
 import json
 
-from bond_data import generate, score
+from bond_data import local
 
 
 def write_jsonl(path, records):
@@ -14,19 +14,8 @@ REWARD = "rewards_for_tests:letter_count"
 
 
 def run_generation(store, k, round_=0, shard_prompts=4, max_new_tokens=8):
-    plans = generate.plan_generation(store, round_, k, shard_prompts)
-    anchor = store.anchor(round_)
-    for plan in plans:
-        m = generate.generate_shard(str(store.root), plan, anchor, "transformers",
-                                    generate.Sampling(max_new_tokens=max_new_tokens), batch_size=16)
-        store.register_shards([m])
-    return plans
+    return local.generate_round(store, round_, k, max_new_tokens, shard_prompts, batch_size=16)
 
 
 def run_scoring(store, spec=REWARD, round_=0, rm_id=None):
-    rid, rhash = score.describe_reward_model(spec, rm_id)
-    store.register_reward_model(rid, rhash, spec)
-    prompt_files = [m["path"] for m in store.registered_shards("prompts")]
-    for m in score.plan_scoring(store, round_, rid):
-        store.register_shards([score.score_shard(str(store.root), m, prompt_files, spec, rm_id)])
-    return rid
+    return local.score_round(store, round_, spec, rm_id)

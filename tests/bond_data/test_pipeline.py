@@ -20,8 +20,9 @@ def test_generation_is_complete_unique_and_resumable(store):
     rows = store.query("SELECT candidate_id, prompt_id, sample_index FROM candidates").to_pylist()
     assert len(rows) == 10 * 3 and len({r["candidate_id"] for r in rows}) == 30
     assert generate.plan_generation(store, 0, 3, 4) == []  # done shards are skipped
-    plans = run_generation(store, k=5)  # raising k generates only indices 3 and 4
+    plans = generate.plan_generation(store, 0, 5, 4)  # raising k plans only indices 3 and 4
     assert all(j["sample_indices"] == [3, 4] for p in plans for j in p["jobs"])
+    assert run_generation(store, k=5) == len(plans)
     counts = store.query("SELECT prompt_id, count(*) n, count(DISTINCT sample_index) d FROM candidates GROUP BY 1").to_pylist()
     assert {(c["n"], c["d"]) for c in counts} == {(5, 5)}
 
