@@ -7,11 +7,16 @@ gradient. Means over rows are means over prompts of the per-prompt (1/k) sums, f
 
 - forward  KL(pi_BoN || pi) = const - E_{pi_BoN}[log pi]  ~  -(1/k) sum_i w_i log pi(y_i)
   (mode covering; paper eq. 9, with exact weights instead of one Best-of-N sample)
-- backward KL(pi || pi_BoN) = E_pi[log pi - log A - log w]  ~  (1/k) sum_i rho_i (log rho_i - log w_i),
-  rho_i = pi(y_i) / A(y_i) (importance weights: the pool was drawn from A, not from pi; mode seeking).
-  Its autograd gradient is (1/k) sum_i rho_i (log rho_i - log w_i + 1) grad log pi(y_i), the
-  exact gradient of the estimator (the +1 term has zero mean under A).
-- Jeffreys  J_beta = (1 - beta) forward + beta backward, plus gamma KL(pi || A) ~ (1/k) sum_i rho_i log rho_i.
+- backward KL(pi || pi_BoN) = E_pi[log pi - log A - log w]
+  ~  (1/k) sum_i [rho_i (log rho_i - log w_i) - rho_i + w_i],   rho_i = pi(y_i) / A(y_i)
+  (importance weights: the pool was drawn from A, not from pi; mode seeking). The `- rho + w`
+  terms have zero mean under A (E_A[rho] = E_A[w] = 1), so the estimate is unchanged in
+  expectation, but they matter on a finite pool: without them the minimiser over the pool is
+  rho_i = w_i / e, i.e. the policy is rewarded for moving mass *off* the pool, where the estimator
+  cannot see it (the plain estimator diverged in bench/fidelity.py). With them each term is a
+  Bregman divergence, >= 0 and minimal exactly at rho_i = w_i: pi = pi_BoN on the pool.
+- Jeffreys  J_beta = (1 - beta) forward + beta backward, plus gamma KL(pi || A), estimated the same
+  way: (1/k) sum_i [rho_i log rho_i - rho_i + 1].
 
 The forward term drops its constant (the BoN entropy), so it is a cross-entropy, not a KL value.
 """
@@ -29,22 +34,28 @@ def forward_kl_loss(logp_policy: torch.Tensor, weight: torch.Tensor) -> torch.Te
 def backward_kl_loss(logp_policy: torch.Tensor, logp_anchor: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Importance-sampled KL(pi || pi_BoN) on the anchor's pool."""
     log_rho = logp_policy - logp_anchor  # [B]
-    return (log_rho.exp() * (log_rho - weight.log())).mean()
+    rho = log_rho.exp()
+    # w = 0 (a sample Best-of-N never picks, e.g. RS-SFT's losers): pi_BoN = 0 there, and the
+    # term is +inf unless rho = 0; clamping log w keeps it finite and pushes rho to 0.
+    log_w = weight.clamp(min=1e-30).log()
+    return (rho * (log_rho - log_w) - rho + weight).mean()
 
 
 def anchor_kl_loss(logp_policy: torch.Tensor, logp_anchor: torch.Tensor) -> torch.Tensor:
     """Importance-sampled KL(pi || A) on the anchor's pool: the regulariser gamma multiplies."""
     log_rho = logp_policy - logp_anchor
-    return (log_rho.exp() * log_rho).mean()
+    rho = log_rho.exp()
+    return (rho * log_rho - rho + 1).mean()
 
 
 def jeffreys_loss(logp_policy: torch.Tensor, logp_anchor: torch.Tensor, weight: torch.Tensor,
                   beta: float, gamma: float = 0.0) -> dict[str, torch.Tensor]:
-    """J_beta + gamma KL(pi || A), and each term (detached) for logging."""
+    """J_beta + gamma KL(pi || A), and each term (detached) for logging. A term whose coefficient is
+    0 stays out of the graph (0 * inf would be NaN)."""
     fwd = forward_kl_loss(logp_policy, weight)
     bwd = backward_kl_loss(logp_policy, logp_anchor, weight)
     reg = anchor_kl_loss(logp_policy, logp_anchor)
-    loss = (1 - beta) * fwd + beta * bwd + gamma * reg
+    loss = sum(c * term for c, term in ((1 - beta, fwd), (beta, bwd), (gamma, reg)) if c != 0)
     return {"loss": loss, "forward": fwd.detach(), "backward": bwd.detach(), "anchor_kl": reg.detach()}
 
 

@@ -25,14 +25,34 @@ def test_losses_match_naive_loops():
         for i in range(p * k, (p + 1) * k):
             rho = float(np.exp(lp[i] - la[i]))
             f += -w[i].item() * lp[i].item()
-            b += rho * (np.log(rho) - np.log(w[i].item()))
-            r += rho * np.log(rho)
+            b += rho * (np.log(rho) - np.log(w[i].item())) - rho + w[i].item()
+            r += rho * np.log(rho) - rho + 1
         fwd, bwd, reg = fwd + f / k / prompts, bwd + b / k / prompts, reg + r / k / prompts
     out = losses.jeffreys_loss(lp, la, w, beta=0.3, gamma=0.1)
     assert out["forward"].item() == pytest.approx(fwd)
     assert out["backward"].item() == pytest.approx(bwd)
     assert out["anchor_kl"].item() == pytest.approx(reg)
     assert out["loss"].item() == pytest.approx(0.7 * fwd + 0.3 * bwd + 0.1 * reg)
+
+
+def test_zero_weights_and_zero_coefficients_stay_finite():
+    lp = torch.tensor([-1.0, -2.0], requires_grad=True)
+    out = losses.jeffreys_loss(lp, torch.tensor([-1.5, -1.5]), torch.tensor([2.0, 0.0]), beta=0.0)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and torch.isfinite(lp.grad).all()  # RS-SFT-style weights, beta 0
+
+
+def test_backward_estimator_is_minimal_at_the_best_of_n_weights():
+    """Per pool sample the backward term is minimised at rho = w, not at a smaller total mass."""
+    weight = torch.tensor([0.5, 1.5], dtype=torch.float64)
+    log_rho = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([log_rho], lr=0.05)
+    for _ in range(2000):
+        loss = losses.backward_kl_loss(log_rho, torch.zeros(2, dtype=torch.float64), weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.testing.assert_close(log_rho.detach().exp(), weight, atol=1e-3, rtol=0)
 
 
 def test_sequence_logprobs_match_a_loop():
