@@ -59,6 +59,7 @@ from bond_data.tiny_task import (
     build_tokenizer,
     default_cache_dir,
     read_prompts,
+    write_prompt_split,
 )
 
 TASK_VERSION = "1"
@@ -124,15 +125,8 @@ def corpus_example(rng: random.Random) -> tuple[str, str]:
 def write_prompt_files(out_dir: Path = PACKAGE_DIR, seed: int = 4321, n_train: int = 64,
                        n_eval: int = 32) -> tuple[Path, Path]:
     """(Re)generate the shipped prompt files; training and eval ids never overlap."""
-    rng, ids = random.Random(seed), []
-    while len(ids) < n_train + n_eval:
-        task_id = _random_id(rng)
-        if task_id not in ids:
-            ids.append(task_id)
     paths = Path(out_dir) / PROMPTS_FILE.name, Path(out_dir) / EVAL_PROMPTS_FILE.name
-    for path, chunk in zip(paths, (ids[:n_train], ids[n_train:])):
-        path.write_text("".join(json.dumps({"prompt": make_prompt(i)}) + "\n" for i in chunk))
-    return paths
+    return write_prompt_split(paths, _random_id, make_prompt, seed, n_train, n_eval)
 
 
 # ----------------------------------------------------------------------------- pretraining

@@ -158,18 +158,25 @@ def corpus_example(rng: random.Random) -> tuple[str, str]:
     return make_prompt(word), " " + answer
 
 
+def write_prompt_split(paths: tuple[Path, Path], draw, to_prompt, seed: int, n_train: int,
+                       n_eval: int) -> tuple[Path, Path]:
+    """Write distinct draws as (training, held-out) prompt JSONL files; the two never overlap.
+    Shared by the built-in tasks: `draw(rng)` gives a key, `to_prompt(key)` its prompt text."""
+    rng, keys = random.Random(seed), []
+    while len(keys) < n_train + n_eval:
+        key = draw(rng)
+        if key not in keys:
+            keys.append(key)
+    for path, chunk in zip(paths, (keys[:n_train], keys[n_train:])):
+        path.write_text("".join(json.dumps({"prompt": to_prompt(k)}) + "\n" for k in chunk))
+    return paths
+
+
 def write_prompt_files(out_dir: Path = PACKAGE_DIR, seed: int = 1234, n_train: int = 64,
                        n_eval: int = 32) -> tuple[Path, Path]:
     """(Re)generate the shipped prompt files; training and eval words never overlap."""
-    rng, words = random.Random(seed), []
-    while len(words) < n_train + n_eval:
-        word = _random_word(rng)
-        if word not in words:
-            words.append(word)
     paths = Path(out_dir) / PROMPTS_FILE.name, Path(out_dir) / EVAL_PROMPTS_FILE.name
-    for path, chunk in zip(paths, (words[:n_train], words[n_train:])):
-        path.write_text("".join(json.dumps({"prompt": make_prompt(w)}) + "\n" for w in chunk))
-    return paths
+    return write_prompt_split(paths, _random_word, make_prompt, seed, n_train, n_eval)
 
 
 def read_prompts(path: Path) -> list[str]:
