@@ -8,6 +8,7 @@
     bond build     --store DIR [--round R] --n N [--rm ID]
     bond sql       --store DIR "QUERY" [--format table|csv|json]
     bond train     --store DIR --round R [--beta B --eta E ...]   (torchrun: python -m trainer.train)
+    bond train-online --policy DIR --prompts FILE --out DIR [--rm SPEC --steps S ...]   online J-BOND
     bond rounds    --store DIR --num M [--n 2 --k 8 ...]          iterative BOND, resumable
     bond serve     --store DIR --cron "0 3 * * *" --num M         the rounds flow on a schedule
 """
@@ -84,6 +85,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file with TrainConfig keys")
     for name, field in TrainConfig.model_fields.items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type={int: int, float: float}.get(field.annotation, str))
+
+    p = sub.add_parser("train-online", help="online J-BOND (paper Algorithm 2): fresh samples, EMA anchor")
+    p.add_argument("--policy", required=True, help="starting policy and anchor (a transformers folder)")
+    p.add_argument("--prompts", required=True, help="a JSONL, Parquet or save_to_disk prompts file")
+    p.add_argument("--out", required=True, help="folder for the trained policy (the EMA anchor in out/anchor)")
+    p.add_argument("--rm", default=TINY_REWARD, help=f"reward model (default {TINY_REWARD})")
+    p.add_argument("--config", help="YAML file with OnlineConfig keys")
+    for name in ("beta", "eta", "gamma", "lr"):
+        p.add_argument(f"--{name}", type=float)
+    for name in ("steps", "prompts-per-step", "max-new-tokens", "seed"):
+        p.add_argument(f"--{name}", type=int)
 
     for cmd in ("rounds", "serve"):
         p = sub.add_parser(cmd, help="iterative BOND: generate, score, build, train, M rounds" if cmd == "rounds"
@@ -163,6 +175,16 @@ def cmd_train(args) -> None:
 
     cfg = TrainConfig.load(args.config, **_fields(args, TrainConfig))
     print(json.dumps(train(args.store, cfg), default=str))
+
+
+def cmd_train_online(args) -> None:
+    from bond_data.prompts import read_prompts
+    from trainer.online import OnlineConfig, train_online
+
+    cfg = OnlineConfig.load(args.config, **_fields(args, OnlineConfig))
+    prompts = read_prompts(args.prompts).column("prompt").to_pylist()
+    summary = train_online(args.policy, prompts, args.rm, Path(args.out), cfg, metrics_path=Path(args.out) / "metrics.jsonl")
+    print(json.dumps(summary, default=str))
 
 
 def rounds_params(args) -> dict:
@@ -284,7 +306,7 @@ def print_rounds(rows: list[dict], n: int) -> None:
 
 
 COMMANDS = {"demo": cmd_demo, "init": cmd_init, "prompts": cmd_prompts, "generate": cmd_generate,
-            "score": cmd_score, "build": cmd_build, "sql": cmd_sql, "train": cmd_train, "rounds": cmd_rounds,
+            "score": cmd_score, "build": cmd_build, "sql": cmd_sql, "train": cmd_train, "train-online": cmd_train_online, "rounds": cmd_rounds,
             "serve": cmd_serve}
 
 if __name__ == "__main__":

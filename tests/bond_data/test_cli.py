@@ -30,3 +30,13 @@ def test_bad_prompt_file_names_line_and_field(store, tmp_path, capsys):
 def test_sql_on_a_folder_that_is_not_a_store(tmp_path, capsys):
     assert main(["sql", "--store", str(tmp_path / "nothing"), "SELECT 1"]) == 2
     assert "no catalog" in capsys.readouterr().err
+
+
+def test_train_online_from_the_cli(untrained_model, prompt_file, tmp_path, capsys):
+    out = tmp_path / "jbond"
+    argv = ["train-online", "--policy", str(untrained_model), "--prompts", str(prompt_file), "--out", str(out),
+            "--rm", "rewards_for_tests:letter_count", "--steps", "2", "--prompts-per-step", "4", "--max-new-tokens", "4"]
+    assert main(argv) == 0
+    assert '"steps": 2' in capsys.readouterr().out
+    assert (out / "model.safetensors").is_file() and (out / "anchor" / "model.safetensors").is_file()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
