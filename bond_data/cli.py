@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-online", help="online J-BOND (paper Algorithm 2): fresh samples, EMA anchor")
     p.add_argument("--policy", required=True, help="starting policy and anchor (a transformers folder)")
     p.add_argument("--prompts", required=True, help="a JSONL, Parquet or save_to_disk prompts file")
-    p.add_argument("--out", required=True, help="folder for the trained policy (the EMA anchor in out/anchor)")
+    p.add_argument("--out", required=True, help="folder for the trained policy (the EMA anchor in OUT/anchor, metrics in OUT-metrics.jsonl)")
     p.add_argument("--rm", default=TINY_REWARD, help=f"reward model (default {TINY_REWARD})")
     p.add_argument("--config", help="YAML file with OnlineConfig keys")
     for name in ("beta", "eta", "gamma", "lr"):
@@ -183,7 +183,10 @@ def cmd_train_online(args) -> None:
 
     cfg = OnlineConfig.load(args.config, **_fields(args, OnlineConfig))
     prompts = read_prompts(args.prompts).column("prompt").to_pylist()
-    summary = train_online(args.policy, prompts, args.rm, Path(args.out), cfg, metrics_path=Path(args.out) / "metrics.jsonl")
+    # metrics beside the output: the checkpoint folder itself is replaced whole when saved
+    metrics = Path(f"{Path(args.out)}-metrics.jsonl")
+    summary = train_online(args.policy, prompts, args.rm, Path(args.out), cfg, metrics_path=metrics)
+    print(f"metrics: {metrics}")
     print(json.dumps(summary, default=str))
 
 

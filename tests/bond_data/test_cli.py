@@ -39,4 +39,4 @@ def test_train_online_from_the_cli(untrained_model, prompt_file, tmp_path, capsy
     assert main(argv) == 0
     assert '"steps": 2' in capsys.readouterr().out
     assert (out / "model.safetensors").is_file() and (out / "anchor" / "model.safetensors").is_file()
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "jbond-metrics.jsonl").read_text().splitlines()) == 2
