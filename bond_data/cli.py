@@ -300,12 +300,12 @@ def print_rounds(rows: list[dict], n: int) -> None:
 
     t = Table(title=f"iterative BOND, Best-of-{n} per round, evaluated on held-out prompts against pi_0's pool")
     for col in ["round", "N = n^t", "reward", "p_le", "BoN p_le", "log p_le", "BoN log p_le", "KL(pi_t||pi_0)", "BoN KL"]:
-        t.add_column(col, justify="right")
+        t.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         a = r["analytic"]
         t.add_row(str(r["round"]), str(a["N"]), f"{r['reward']:.4f}", f"{r['p_le']:.3f}", f"{a['p_le']:.3f}",
                   f"{r['log_p_le']:.3f}", f"{a['log_p_le']:.3f}", f"{r['kl']:.3f}", f"{a['kl']:.3f}")
-    Console().print(t)
+    Console(width=max(Console().width, 110)).print(t)
 
 
 COMMANDS = {"demo": cmd_demo, "init": cmd_init, "prompts": cmd_prompts, "generate": cmd_generate,
