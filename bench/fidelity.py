@@ -191,8 +191,13 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=None, choices=["tiny", "digits"])
     ap.add_argument("--out", type=Path, default=Path("bench-out/fidelity"))
     ap.add_argument("--results", type=Path, default=Path("bench/RESULTS.md"))
+    ap.add_argument("--rows", type=Path, help="only redraw the plot from a saved rows.json")
     args = ap.parse_args()
     tasks = args.tasks or (["tiny"] if args.quick else ["tiny", "digits"])
+    png_path = args.results.with_name("fidelity-quick.png" if args.quick else "fidelity.png")
+    if args.rows:  # redraw the plot from a saved run
+        print(plot(json.loads(args.rows.read_text()), png_path))
+        return
     start = time.time()
     report = []
     all_rows = {}
@@ -200,7 +205,8 @@ def main() -> None:
         rows = run_task(name, args.out, args.quick)
         all_rows[name] = rows
         report += [markdown_table(name, rows), "", *targets(rows)]
-    png = plot(all_rows, args.out / "fidelity.png")
+    (args.out / "rows.json").write_text(json.dumps(all_rows))
+    png = plot(all_rows, png_path)
     minutes = (time.time() - start) / 60
     cmd = "python bench/fidelity.py" + (" --quick" if args.quick else "") + (f" --tasks {' '.join(tasks)}" if args.tasks else "")
     text = "\n".join([f"### `{cmd}` ({minutes:.1f} min on this machine)", *report, "", f"Plot: `{png}`", ""])
@@ -219,16 +225,28 @@ def plot(all_rows: dict[str, list[dict]], out_png: Path) -> Path:
 
     fig, axes = plt.subplots(1, len(all_rows), figsize=(6.5 * len(all_rows), 5), squeeze=False)
     curve_n = np.linspace(1, 10, 200)
+    x_max, y_min = 2.5, -1.2  # the region of interest; diverged runs are listed, not drawn
     for ax, (task, rows) in zip(axes[0], all_rows.items()):
         ax.plot(np.log(curve_n) - (curve_n - 1) / curve_n, -1 / curve_n, color="grey", label="Best-of-N (analytic)")
-        for method in dict.fromkeys(r["method"] for r in rows):
-            pts = [r for r in rows if r["method"] == method]
-            ax.plot([r["kl"] for r in pts], [r["log_p_le"] for r in pts], "o-" if len(pts) > 1 else "o", label=method)
-            for r in pts:
-                ax.annotate(f"N={r['N']}" if r["N"] else "", (r["kl"], r["log_p_le"]), fontsize=7)
-        ax.set(title=f"task {task}", xlabel="KL(pi || pi_0) (nats)", ylabel="E[log p_le]")
+        groups: dict[str, list[dict]] = {}
+        for r in rows:  # the iterative rounds M = 1, 2, 3 are one line
+            groups.setdefault(r["method"].split(", M=")[0], []).append(r)
+        off = []
+        for method, pts in groups.items():
+            shown = [r for r in pts if r["kl"] <= x_max and r["log_p_le"] >= y_min]
+            off += [f"{method} N={r['N']}: KL {r['kl']:.0f}" for r in pts if r not in shown]
+            ax.plot([r["kl"] for r in shown], [r["log_p_le"] for r in shown], "o-" if len(shown) > 1 else "o",
+                    label=method)
+            for r in shown:
+                ax.annotate(f"{r['N']}" if r["N"] else "", (r["kl"], r["log_p_le"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+        if off:
+            ax.text(0.98, 0.02, "off the plot (diverged):\n" + "\n".join(off), transform=ax.transAxes,
+                    ha="right", va="bottom", fontsize=7)
+        ax.set(title=f"task {task} (numbers: N)", xlabel="KL(pi || pi_0) (nats)", ylabel="E[log p_le]",
+               xlim=(-0.05, x_max), ylim=(y_min, 0.05))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left")
     out_png.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_png.with_name(f".{out_png.name}.tmp.png")
     fig.tight_layout()
