@@ -58,6 +58,7 @@ from bond_data.tiny_task import (
     build_model,
     build_tokenizer,
     default_cache_dir,
+    pretrain_loop,
     read_prompts,
     write_prompt_split,
 )
@@ -161,25 +162,10 @@ def pretrain(model, tokenizer, steps: int, seed: int = 0,
     """
     import math
 
-    import torch
-
-    rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
-    model.train()
-    loss = torch.tensor(float("nan"))
-    for step in range(steps):
-        ids, labels = _batch(tokenizer, [corpus_example(rng) for _ in range(BATCH_SIZE)])
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        if progress is not None:
-            progress(step + 1)
-    model.eval()
-    return loss.item()
+    return pretrain_loop(model, tokenizer, corpus_example, steps, LR,
+                         lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))),
+                         seed, progress, make_batch=_batch)
 
 
 def _build_into(folder: Path, seed: int, quiet: bool) -> None:

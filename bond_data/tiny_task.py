@@ -239,21 +239,20 @@ def _batch(tokenizer, pairs: list[tuple[str, str]]):
     return ids, labels
 
 
-def pretrain(model, tokenizer, steps: int, seed: int = 0, progress=None) -> float:
-    """Next-token training on freshly sampled corpus batches; returns the final loss.
-
-    `progress(step)` is called after each step (for a progress bar).
-    """
+def pretrain_loop(model, tokenizer, example, steps: int, lr: float, schedule, seed: int = 0, progress=None,
+                  make_batch=None) -> float:
+    """Next-token training on freshly drawn corpus batches (`example(rng)` gives a (prompt, completion)
+    pair, `schedule(step)` the lr factor); returns the final loss. Shared by the built-in tasks."""
     import torch
 
+    make_batch = make_batch or _batch
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 1 - s / steps * 0.9))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     model.train()
     loss = torch.tensor(float("nan"))
     for step in range(steps):
-        ids, labels = _batch(tokenizer, [corpus_example(rng) for _ in range(BATCH_SIZE)])
+        ids, labels = make_batch(tokenizer, [example(rng) for _ in range(BATCH_SIZE)])
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -262,6 +261,16 @@ def pretrain(model, tokenizer, steps: int, seed: int = 0, progress=None) -> floa
             progress(step + 1)
     model.eval()
     return loss.item()
+
+
+def pretrain(model, tokenizer, steps: int, seed: int = 0, progress=None) -> float:
+    """Letter-sorting pretraining: warm-up, then a linear decay to 10 % of the peak lr.
+
+    `progress(step)` is called after each step (for a progress bar).
+    """
+    warmup = max(1, steps // 20)
+    return pretrain_loop(model, tokenizer, corpus_example, steps, 5e-3,
+                         lambda s: min((s + 1) / warmup, 1 - s / steps * 0.9), seed, progress)
 
 
 def save_untrained_model(out_dir: Path, seed: int = 0) -> Path:
