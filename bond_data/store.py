@@ -50,16 +50,21 @@ CREATE TABLE IF NOT EXISTS datasets (
 """
 
 # One row per candidate and reward model, with its quantiles within its (round, prompt, rm) pool.
-# rank() - 1 counts strictly smaller rewards; count(*) over the default RANGE frame counts <=.
+# Count each reward level of a pool, take the running sum over levels (<=), subtract the level's
+# own count (<), and join back: the window runs over distinct levels, not over every candidate,
+# which made it 1.3x faster than rank() / count(*) windows over all rows (bench/weights.py).
 POOL_VIEW = """
 CREATE OR REPLACE VIEW pool AS
+WITH levels AS (
+    SELECT round, prompt_id, rm_id, reward, count(*) AS c FROM scores GROUP BY ALL),
+cumulative AS (
+    SELECT round, prompt_id, rm_id, reward, c,
+           sum(c) OVER (PARTITION BY round, prompt_id, rm_id ORDER BY reward) AS le,
+           sum(c) OVER (PARTITION BY round, prompt_id, rm_id) AS k
+    FROM levels)
 SELECT s.round, s.prompt_id, s.candidate_id, s.rm_id, s.reward,
-       (rank() OVER w - 1)::DOUBLE / count(*) OVER g AS p_lt,
-       (count(*) OVER w)::DOUBLE / count(*) OVER g AS p_le,
-       count(*) OVER g AS k
-FROM scores s
-WINDOW g AS (PARTITION BY s.round, s.prompt_id, s.rm_id),
-       w AS (PARTITION BY s.round, s.prompt_id, s.rm_id ORDER BY s.reward);
+       ((q.le - q.c) / q.k)::DOUBLE AS p_lt, (q.le / q.k)::DOUBLE AS p_le, q.k::BIGINT AS k
+FROM scores s JOIN cumulative q USING (round, prompt_id, rm_id, reward);
 CREATE OR REPLACE MACRO bon_pool(n) AS TABLE
 SELECT *, (pow(p_le, n) - pow(p_lt, n)) / (p_le - p_lt) AS bon_weight FROM pool;
 """
