@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import flows  # noqa: F401  (sets Prefect's environment defaults before Prefect is imported)
-from bond_data.config import BuildConfig, GenerateConfig, ScoreConfig, TrainConfig
+from bond_data.config import BuildConfig, GenerateConfig, ScoreConfig, TrainConfig, add_config_flags
 
 TINY_REWARD = "bond_data.tiny_task:reward"
 
@@ -83,8 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train on a round's dataset and register the next anchor")
     p.add_argument("--store", required=True)
     p.add_argument("--config", help="YAML file with TrainConfig keys")
-    for name, field in TrainConfig.model_fields.items():
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type={int: int, float: float}.get(field.annotation, str))
+    add_config_flags(p, TrainConfig)
 
     p = sub.add_parser("train-online", help="online J-BOND (paper Algorithm 2): fresh samples, EMA anchor")
     p.add_argument("--policy", required=True, help="starting policy and anchor (a transformers folder)")

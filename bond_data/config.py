@@ -25,6 +25,14 @@ class _Config(BaseModel):
         return cls.model_validate(data)
 
 
+def add_config_flags(parser, cls: type[_Config]) -> None:
+    """One `--flag` per field of a config (ints and floats typed, the rest strings; default None,
+    so `cls.load(..., **flags)` keeps the file's or the default value for flags not given)."""
+    for name, field in cls.model_fields.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name,
+                            type={int: int, float: float}.get(field.annotation, str))
+
+
 class RunnerConfig(_Config):
     runner: Literal["thread", "dask"] = "thread"  # fan-out of shards: Prefect's thread pool or Dask
     dask_address: str | None = None  # an existing Dask scheduler; None starts a LocalCluster

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bond_data.config import TrainConfig
+from bond_data.config import TrainConfig, add_config_flags
 from bond_data.hf_backend import prompt_token_ids
 from bond_data.store import Store, StoreError
 from trainer import checkpoints
@@ -247,17 +247,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="BOND trainer (see the module docstring)")
     ap.add_argument("--store", required=True)
     ap.add_argument("--config")
-    for name, field in TrainConfig.model_fields.items():
-        ap.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_arg_type(field.annotation))
+    add_config_flags(ap, TrainConfig)
     args = vars(ap.parse_args(argv))
     cfg = TrainConfig.load(args.pop("config"), **{k: v for k, v in args.items() if k != "store"})
     print(json.dumps(train(args["store"], cfg), default=str))
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _arg_type(annotation):
-    return {int: int, float: float}.get(annotation, str)
 
 
 if __name__ == "__main__":
