@@ -16,7 +16,8 @@ pi_0 samples: E[log p_le] (vs -1/N), KL(pi || pi_0) (vs log N - (N-1)/N) and the
 quantiles to Beta(N, 1). Writes a Markdown table, a PNG and bench/RESULTS.md.
 
     python bench/fidelity.py            # about 30 min on 2 CPU cores
-    python bench/fidelity.py --quick    # about 4 min: tiny task, N = 8 (no backward-only), n = 2, M <= 2
+    python bench/fidelity.py --quick    # under a minute warm: tiny task, N = 8 (no backward-only), n = 2, M <= 2
+    python bench/fidelity.py --k 64 --jbond-steps 400   # larger settings, e.g. on a GPU (CUDA is used when present)
 """
 
 from __future__ import annotations
@@ -127,11 +128,10 @@ def measure(name: str, n: int | None, policy: str | None, task, pool: Path) -> d
             "ks": bon.ks_distance_to_beta(m["quantiles"], n or 1), "bon_log_p_le": ref["log_p_le"], "bon_kl": ref["kl"]}
 
 
-def run_task(name: str, out: Path, quick: bool) -> list[dict]:
+def run_task(name: str, out: Path, quick: bool, k: int = 16, jbond_steps: int = 60) -> list[dict]:
     task = load_task(name)
     work = out / name
     shutil.rmtree(work, ignore_errors=True)
-    k = 16
     pool = evaluate.ensure_eval_pool(out / f"{name}-eval", str(task.model_dir), str(task.eval_prompts_file), task.reward)
     base = base_store(work / "base", task, k)
     rows = [measure("pi_0", 1, str(task.model_dir), task, pool)]
@@ -145,7 +145,7 @@ def run_task(name: str, out: Path, quick: bool) -> list[dict]:
     for m, anchor in enumerate(train_iterative(base, work / "iterative", task, k, 2 if quick else 3), start=1):
         rows.append(measure(f"iterative Jeffreys n=2, M={m}", 2**m, anchor, task, pool))
     if not quick:
-        rows.append(measure("online J-BOND", None, train_jbond(task, work / "jbond", steps=60), task, pool))
+        rows.append(measure("online J-BOND", None, train_jbond(task, work / "jbond", steps=jbond_steps), task, pool))
     print_rows(name, rows)
     return rows
 
@@ -192,6 +192,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-out/fidelity"))
     ap.add_argument("--results", type=Path, default=Path("bench/RESULTS.md"))
     ap.add_argument("--rows", type=Path, help="only redraw the plot from a saved rows.json")
+    ap.add_argument("--k", type=int, default=16, help="pool size per training prompt (larger on a GPU)")
+    ap.add_argument("--jbond-steps", type=int, default=60, help="online J-BOND steps (larger on a GPU)")
     args = ap.parse_args()
     tasks = args.tasks or (["tiny"] if args.quick else ["tiny", "digits"])
     png_path = args.results.with_name("fidelity-quick.png" if args.quick else "fidelity.png")
@@ -202,13 +204,14 @@ def main() -> None:
     report = []
     all_rows = {}
     for name in tasks:
-        rows = run_task(name, args.out, args.quick)
+        rows = run_task(name, args.out, args.quick, args.k, args.jbond_steps)
         all_rows[name] = rows
         report += [markdown_table(name, rows), "", *targets(rows)]
     (args.out / "rows.json").write_text(json.dumps(all_rows))
     png = plot(all_rows, png_path)
     minutes = (time.time() - start) / 60
     cmd = "python bench/fidelity.py" + (" --quick" if args.quick else "") + (f" --tasks {' '.join(tasks)}" if args.tasks else "")
+    cmd += (f" --k {args.k}" if args.k != 16 else "") + (f" --jbond-steps {args.jbond_steps}" if args.jbond_steps != 60 else "")
     text = "\n".join([f"### `{cmd}` ({minutes:.1f} min on this machine)", *report, "", f"Plot: `{png}`", ""])
     args.results.parent.mkdir(parents=True, exist_ok=True)
     with open(args.results, "a") as f:
