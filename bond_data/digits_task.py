@@ -44,11 +44,8 @@ busy with other work) with ``digits_stats`` (temperature 1.0, top_p 1.0, no top-
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +55,7 @@ from bond_data.tiny_task import (
     build_model,
     build_tokenizer,
     default_cache_dir,
+    ensure_built,
     pretrain_loop,
     read_prompts,
     write_prompt_split,
@@ -204,31 +202,6 @@ def _task(folder: Path) -> TinyTask:
     return TinyTask(folder / "model", PROMPTS_FILE, EVAL_PROMPTS_FILE, REWARD_SPEC)
 
 
-def _ensure_built(final: Path, marker: str, build: Callable[[Path], None], announce: str | None) -> None:
-    """Make `final` exist with `final/marker` in it, building at most once (atomic rename).
-
-    `build(tmp)` fills a temporary sibling folder, which is then renamed into place, so `final`
-    exists only when complete; a concurrent builder that loses the race discards its copy.
-    The same semantics as tiny_task.ensure_tiny_task.
-    """
-    if (final / marker).is_file():
-        return
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if announce:
-        print(announce)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        build(tmp)
-        if final.exists() and not (final / marker).is_file():
-            shutil.rmtree(final)  # not ours: every folder we rename into place has the marker
-        os.rename(tmp, final)
-    except OSError:
-        if not (final / marker).is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def ensure_digits_task(cache_dir: Path | None = None, *, quiet: bool = False, seed: int = 0) -> TinyTask:
     """The digits task, pretraining its model once into <cache>/digits-task-<TASK_VERSION>[-seed<k>].
 
@@ -240,7 +213,7 @@ def ensure_digits_task(cache_dir: Path | None = None, *, quiet: bool = False, se
     final = cache_dir / f"digits-task-{TASK_VERSION}{suffix}"
     announce = None if quiet else (
         f"Building the digits task model once (about 30 s on one CPU core) into {final}")
-    _ensure_built(final, MARKER, lambda tmp: _build_into(tmp, seed, quiet), announce)
+    ensure_built(final, MARKER, lambda tmp: _build_into(tmp, seed, quiet), announce)
     return _task(final)
 
 

@@ -329,31 +329,35 @@ def _build_into(folder: Path, seed: int, quiet: bool) -> None:
     (folder / "tiny_task.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def ensure_tiny_task(cache_dir: Path | None = None, *, quiet: bool = False, seed: int = 0) -> TinyTask:
-    """The tiny task, pretraining its model once into the cache (about 45 s on one CPU core).
-
-    The model is built in a temporary sibling folder and renamed into place, so the final folder
-    exists only when complete; a concurrent builder that loses the race just discards its copy.
-    """
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    suffix = "" if seed == 0 else f"-seed{seed}"
-    final = cache_dir / f"tiny-task-{TASK_VERSION}{suffix}"
-    if (final / "tiny_task.json").is_file():
-        return _task(final)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    if not quiet:
-        print(f"Building the tiny task model once (about 45 s on one CPU core) into {final}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache_dir))
+def ensure_built(final: Path, marker: str, build, announce: str | None) -> None:
+    """Make `final` exist with `final/marker` in it, building at most once. Shared by the built-in
+    tasks: `build(tmp)` fills a temporary sibling folder, which is then renamed into place, so
+    `final` exists only when complete; a concurrent builder that loses the race discards its copy."""
+    if (final / marker).is_file():
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if announce:
+        print(announce)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        _build_into(tmp, seed, quiet)
-        if final.exists() and not (final / "tiny_task.json").is_file():
+        build(tmp)
+        if final.exists() and not (final / marker).is_file():
             shutil.rmtree(final)  # not ours: every folder we rename into place has the marker
         os.rename(tmp, final)
     except OSError:
-        if not (final / "tiny_task.json").is_file():
+        if not (final / marker).is_file():
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_tiny_task(cache_dir: Path | None = None, *, quiet: bool = False, seed: int = 0) -> TinyTask:
+    """The tiny task, pretraining its model once into the cache (about 45 s on one CPU core)."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    suffix = "" if seed == 0 else f"-seed{seed}"
+    final = cache_dir / f"tiny-task-{TASK_VERSION}{suffix}"
+    announce = None if quiet else f"Building the tiny task model once (about 45 s on one CPU core) into {final}"
+    ensure_built(final, "tiny_task.json", lambda tmp: _build_into(tmp, seed, quiet), announce)
     return _task(final)
 
 
