@@ -33,23 +33,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bond_data import bon, local
+from bond_data import bon, stages
+from bond_data.backends.base import Sampling
 from bond_data.build import build_dataset
-from bond_data.config import TrainConfig
 from bond_data.prompts import add_prompts
-from bond_data.store import Store, folder_sha256, write_parquet_atomic
+from bond_data.files import folder_sha256, write_parquet_atomic
+from bond_data.store import Store
+from trainer.config import TINY_TRAIN, TrainConfig
 from trainer import evaluate
 from trainer.train import train
 
-TRAIN = dict(lr=1e-3, epochs=4, micro_batch_size=32, warmup_steps=4, checkpoint_every=10_000)
+TRAIN = TrainConfig.load(TINY_TRAIN).model_dump(exclude={"round", "beta", "dataset_id"})  # shared with `bond demo`
 
 
 def load_task(name: str):
     if name == "digits":
-        from bond_data.digits_task import ensure_digits_task
+        from bond_data.tasks.digits import ensure_digits_task
 
         return ensure_digits_task(quiet=True)
-    from bond_data.tiny_task import ensure_tiny_task
+    from bond_data.tasks.tiny import ensure_tiny_task
 
     return ensure_tiny_task(quiet=True)
 
@@ -59,8 +61,8 @@ def base_store(folder: Path, task, k: int) -> Store:
     store = Store(folder)
     store.register_anchor(0, str(task.model_dir), folder_sha256(task.model_dir))
     add_prompts(store, task.prompts_file)
-    local.generate_round(store, 0, k)
-    local.score_round(store, 0, task.reward)
+    stages.generate_round(store, 0, k, Sampling(max_new_tokens=16))
+    stages.score_round(store, 0, task.reward)
     return store
 
 
@@ -105,7 +107,7 @@ def train_iterative(base: Store, folder: Path, task, k: int, rounds: int) -> lis
     store = Store(folder)
     anchors = []
     for t in range(rounds):
-        record = local.curate_round(store, t, k, task.reward, n=2)
+        record = stages.curate_round(store, t, k, task.reward, n=2)
         train(str(folder), TrainConfig(round=t, beta=0.5, dataset_id=record["dataset_id"], **TRAIN))
         anchors.append(store.anchor(t + 1)["anchor_path"])
     return anchors

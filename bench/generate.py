@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from bond_data.generate import PromptJob, Sampling
-from bond_data.hf_backend import TransformersBackend
-from bond_data.tiny_task import LETTERS, make_prompt, save_untrained_model
+from bond_data.backends.base import PromptJob, Sampling
+from bond_data.backends.hf import TransformersBackend
+from bond_data.tasks.common import save_untrained_model
+from bond_data.tasks.tiny import LETTERS, make_prompt
 
 
 def make_prompts(n: int, seed: int = 0) -> list[str]:
@@ -79,7 +80,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory() as tmp:
-        backend = TransformersBackend(str(save_untrained_model(Path(tmp) / "model")), batch_size=args.batch_size,
+        backend = TransformersBackend.from_pretrained(str(save_untrained_model(Path(tmp) / "model")), batch_size=args.batch_size,
                                       device="cpu")
     model, tokenizer = backend.model, backend.tokenizer  # the baseline uses the very same weights
     prompts, k = make_prompts(args.prompts), args.k

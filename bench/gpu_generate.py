@@ -24,8 +24,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from bond_data.generate import PromptJob, Sampling
-from bond_data.hf_backend import TransformersBackend
+from bond_data.backends.base import PromptJob, Sampling
+from bond_data.backends.hf import TransformersBackend
 
 VOCAB = 32000
 
@@ -67,7 +67,7 @@ def main() -> None:
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp()) / "m"
     build(folder)
-    backend = TransformersBackend(str(folder), batch_size=args.batch_size, device=args.device)
+    backend = TransformersBackend.from_pretrained(str(folder), batch_size=args.batch_size, device=args.device)
     model, tok = backend.model, backend.tokenizer
     prompts = [" ".join(f"w{(37 * p + 11 * i) % (VOCAB - 3) + 3}" for i in range(16 + p % 16)) for p in range(args.prompts)]
     sampling = Sampling(max_new_tokens=args.new_tokens)

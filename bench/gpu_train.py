@@ -1,7 +1,7 @@
 """Trainer throughput on a GPU: tokens/s and MFU of the BOND training step at a realistic size.
 
 The same ~125M-parameter Llama as bench/gpu_generate.py (32k vocabulary), trained with the real
-step (`trainer.train._train_step`: bf16 autocast, Jeffreys loss on sequence log-probs, backward)
+step (`trainer.train.train_step`: bf16 autocast, Jeffreys loss on sequence log-probs, backward)
 plus clipping and AdamW, on synthetic pool rows (prompt 32 + completion 96 tokens). MFU counts
 6 * params * tokens (forward + backward) against the card's dense bf16 peak.
 
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from gpu_generate import build, sync  # bench/ is on sys.path when run as a script
-from bond_data.config import TrainConfig
-from trainer import train as T
+from trainer.checkpoints import load_policy
+from trainer.train import train_step
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -38,13 +38,13 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp()) / "m"
     build(folder)
     device = torch.device(args.device)
-    policy, _ = T._load(folder, device)
+    policy, _ = load_policy(folder, device)
     g = torch.Generator().manual_seed(0)
     rows = [{"prompt": torch.randint(3, 32000, (32,), generator=g).tolist(),
              "completion": torch.randint(3, 32000, (96,), generator=g).tolist(),
              "weight": float(torch.rand(1, generator=g)) * 2, "logp_anchor": -96 * math.log(32000)}
             for _ in range(args.micro_batch_size * args.grad_accum)]
-    micro = [list(range(i, i + args.micro_batch_size)) for i in range(0, len(rows), args.micro_batch_size)]
+    micro = [rows[i : i + args.micro_batch_size] for i in range(0, len(rows), args.micro_batch_size)]
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
     params = sum(p.numel() for p in policy.parameters())
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -52,12 +52,11 @@ def main() -> None:
     print(f"{name}, {params / 1e6:.0f}M params, {len(rows)} rows x 128 tokens per step")
     result = {}
     for label, beta in [("weighted NLL (beta=0)", 0.0), ("Jeffreys (beta=0.5)", 0.5)]:
-        cfg = TrainConfig(beta=beta, gamma=0.05, micro_batch_size=args.micro_batch_size, grad_accum=args.grad_accum)
         for warm in (True, False):
             sync()
             t, tokens = time.perf_counter(), 0
             for _ in range(3 if warm else args.steps):
-                m = T._train_step(policy, micro, rows, cfg, device, 1)
+                m = train_step(policy, micro, beta, 0.05, len(rows), 1, device)
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)

@@ -25,7 +25,8 @@ import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from bond_data.score import score_pairs
-from bond_data.tiny_task import LETTERS, build_tokenizer, make_prompt
+from bond_data.tasks.common import build_tokenizer
+from bond_data.tasks.tiny import LETTERS, make_prompt
 
 
 def make_pairs(n: int, median_chars: float, sigma: float, max_chars: int, seed: int = 0) -> list[tuple[str, str]]:

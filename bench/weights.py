@@ -28,7 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bond_data import bon, schema, store
+from bond_data import bon, files, schema, store
 
 
 def write_scores(path: Path, prompts: int, k: int, shuffle: bool = False, seed: int = 0) -> None:
@@ -46,7 +46,7 @@ def write_scores(path: Path, prompts: int, k: int, shuffle: bool = False, seed: 
         "rm_hash": ["0" * 64] * rows,
         "reward": np.round(rng.normal(0.0, 2.0, rows)),  # ~13 distinct levels in a pool of 100
     }, schema=schema.SCORES)
-    store.write_parquet_atomic(table, path)
+    files.write_parquet_atomic(table, path)
 
 
 def run_duckdb(path: Path, n: int, threads: int) -> pa.Table:

@@ -10,15 +10,14 @@ read), so rebuilding after raising k makes a new dataset and rebuilding unchange
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from bond_data import bon, schema
-from bond_data.store import Store, StoreError, write_parquet_atomic
+from bond_data.files import atomic_path
+from bond_data.store import Store, StoreError
 
 CARD = """---
 license: other
@@ -100,18 +99,13 @@ def _write(store: Store, table: pa.Table, folder, dataset_id: str, round_: int, 
     """Parquet + card into a temporary folder, renamed into place: a dataset is there whole or not at all."""
     summary = dataset_summary(table)
     rm_hash = store.query("SELECT rm_hash FROM reward_models WHERE rm_id = ?", [rm_id]).column(0)[0].as_py()
-    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
     data_file = folder / "part-0.parquet"
-    try:
-        write_parquet_atomic(table, tmp / "part-0.parquet")
-        card = CARD.format(dataset_id=dataset_id, round=round_, n=n, rm_id=rm_id, rm_hash=rm_hash[:16],
-                           data_file=data_file, **summary)
+    card = CARD.format(dataset_id=dataset_id, round=round_, n=n, rm_id=rm_id, rm_hash=rm_hash[:16],
+                       data_file=data_file, **summary)
+    with atomic_path(folder) as tmp:  # an unregistered leftover of a killed build is replaced
+        tmp.mkdir()
+        pq.write_table(table, tmp / "part-0.parquet", compression="zstd")
         (tmp / "README.md").write_text(card)
-        if folder.exists():  # an unregistered leftover of a killed build
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {
         "dataset_id": dataset_id, "round": round_, "rm_id": rm_id, "n": n,
         "path": data_file.relative_to(store.root).as_posix(), "num_rows": table.num_rows,

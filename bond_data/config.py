@@ -1,8 +1,15 @@
-"""One typed config per entry point. A YAML file (`--config FILE`) overrides the defaults and
-CLI flags override the file. Components never receive these objects, only plain arguments."""
+"""Typed configs of the data stages, and what every config shares.
+
+One config object per entry point: defaults here, a YAML file (`--config FILE`) overrides them and
+CLI flags override the file. Each field's description is its documentation: `add_config_flags`
+turns the fields into `--flags` whose `--help` shows it with the default. Components never receive
+these objects, only plain arguments. The trainer's configs live in `trainer/config.py`.
+"""
 
 from __future__ import annotations
 
+import argparse
+import typing
 from pathlib import Path
 from typing import Literal
 
@@ -10,75 +17,78 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class _Config(BaseModel):
+class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silent default
 
     @classmethod
-    def load(cls, path: str | Path | None = None, **overrides):
-        """Defaults <- YAML file <- overrides whose value is not None."""
-        data = {}
+    def load(cls, path: str | Path | None = None, defaults: dict | None = None, **overrides):
+        """Field defaults <- `defaults` <- YAML file <- overrides whose value is not None."""
+        data = dict(defaults or {})
         if path is not None:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-            if not isinstance(data, dict):
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            if not isinstance(loaded, dict):
                 raise ValueError(f"{path}: expected a mapping of config keys")
+            data.update(loaded)
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(data)
 
+    @classmethod
+    def from_flags(cls, args: argparse.Namespace, defaults: dict | None = None):
+        """`load` of the `--config` file (if any) and the parsed flags that name a field."""
+        flags = {k: v for k, v in vars(args).items() if k in cls.model_fields and v is not None}
+        return cls.load(getattr(args, "config", None), defaults, **flags)
 
-def add_config_flags(parser, cls: type[_Config]) -> None:
-    """One `--flag` per field of a config (ints and floats typed, the rest strings; default None,
-    so `cls.load(..., **flags)` keeps the file's or the default value for flags not given)."""
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type[Config], skip: tuple[str, ...] = ()) -> None:
+    """One `--flag` per field of a config, typed, with its description and default as help. The
+    parsed default is None, so `cls.from_flags` keeps the file's or the default value for flags
+    not given."""
     for name, field in cls.model_fields.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name,
-                            type={int: int, float: float}.get(field.annotation, str))
+        if name in skip:
+            continue
+        kind, choices = _flag_type(field.annotation)
+        default = "required" if field.is_required() else f"default {field.default}"
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, choices=choices,
+                            help=f"{field.description or ''} ({default})")
 
 
-class RunnerConfig(_Config):
-    runner: Literal["thread", "dask"] = "thread"  # fan-out of shards: Prefect's thread pool or Dask
-    dask_address: str | None = None  # an existing Dask scheduler; None starts a LocalCluster
-    dask_workers: int = Field(2, ge=1)  # LocalCluster worker processes when no address is given
-    max_workers: int = Field(2, ge=1)  # thread pool size
+def _flag_type(annotation) -> tuple[type, list | None]:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if typing.get_origin(annotation) is Literal:
+        return str, list(typing.get_args(annotation))
+    if args[0] in (int, float):
+        return args[0], None
+    return str, None
+
+
+class RunnerConfig(Config):
+    runner: Literal["thread", "dask"] = Field("thread", description="shard fan-out: Prefect's thread pool or Dask")
+    dask_address: str | None = Field(None, description="an existing Dask scheduler; none starts a LocalCluster")
+    dask_workers: int = Field(2, ge=1, description="LocalCluster worker processes when no address is given")
+    max_workers: int = Field(2, ge=1, description="thread pool size")
 
 
 class GenerateConfig(RunnerConfig):
-    round: int = Field(0, ge=0)  # the round whose registered anchor generates
-    k: int = Field(8, ge=1)  # samples per prompt; raising it later generates only the new indices
-    temperature: float = Field(1.0, gt=0)  # 1.0 samples the anchor itself, as BOND's math assumes
-    top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling; 1.0 keeps the anchor's distribution
-    max_new_tokens: int = Field(32, ge=1)
-    backend: Literal["transformers", "vllm"] = "transformers"  # vllm needs a CUDA GPU
-    batch_size: int = Field(64, ge=1)  # sequences per forward pass (prompts x samples)
-    shard_prompts: int = Field(32, ge=1)  # prompts per shard: the unit of work, retry and skip
-    device: str | None = None  # "cpu", "cuda", ...; None picks cuda when available
+    round: int = Field(0, ge=0, description="the round whose registered anchor generates")
+    k: int = Field(8, ge=1, description="samples per prompt; raising it later generates only the new indices")
+    temperature: float = Field(1.0, gt=0, description="1.0 samples the anchor itself, as BOND's math assumes")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1.0 keeps the anchor's distribution")
+    max_new_tokens: int = Field(32, ge=1, description="completion length cap")
+    backend: Literal["transformers", "vllm"] = Field("transformers", description="vllm needs a CUDA GPU")
+    batch_size: int = Field(64, ge=1, description="sequences per forward pass (prompts x samples)")
+    shard_prompts: int = Field(32, ge=1, description="prompts per shard: the unit of work, retry and skip")
+    device: str | None = Field(None, description="cpu, cuda, ...; none picks cuda when available")
 
 
 class ScoreConfig(RunnerConfig):
-    round: int = Field(0, ge=0)
-    rm: str  # reward model: a local sequence-classification folder, or "module:function"
-    rm_id: str | None = None  # id in the store; defaults to the folder or function name
-    batch_size: int = Field(32, ge=1)  # micro-batch size; micro-batches are sorted by length
-    device: str | None = None
+    round: int = Field(0, ge=0, description="the round whose candidates are scored")
+    rm: str = Field(description="reward model: a local sequence-classification folder, or module:function")
+    rm_id: str | None = Field(None, description="id in the store; defaults to the folder or function name")
+    batch_size: int = Field(32, ge=1, description="micro-batch size; micro-batches are sorted by length")
+    device: str | None = Field(None, description="cpu, cuda, ...; none picks cuda when available")
 
 
-class BuildConfig(_Config):
-    round: int = Field(0, ge=0)
-    n: int = Field(8, ge=1)  # the N of Best-of-N that the dataset's weights target
-    rm_id: str | None = None  # required when the round has scores from several reward models
-
-
-class TrainConfig(_Config):
-    round: int = Field(0, ge=0)  # train on this round's dataset; writes the anchor of round + 1
-    dataset_id: str | None = None  # default: the round's newest dataset
-    beta: float = Field(0.5, ge=0, le=1)  # Jeffreys mix: 0 forward (mode covering) .. 1 backward (mode seeking)
-    gamma: float = Field(0.0, ge=0)  # weight of KL(pi || anchor), estimated on the anchor's pool
-    eta: float = Field(0.0, ge=0, le=1)  # EMA anchor step per optimizer step; 0 = hard refresh at the end
-    lr: float = Field(3e-4, gt=0)
-    warmup_steps: int = Field(10, ge=0)  # linear warm-up, then constant
-    epochs: int = Field(2, ge=1)  # passes over the dataset
-    micro_batch_size: int = Field(64, ge=1)  # sequences per forward pass (grouped by length)
-    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
-    max_grad_norm: float = Field(1.0, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    checkpoint_every: int = Field(50, ge=1)  # optimizer steps between resumable checkpoints
-    seed: int = 0
-    device: str | None = None  # None picks cuda when available; bf16 autocast on cuda
+class BuildConfig(Config):
+    round: int = Field(0, ge=0, description="the round whose pool is weighted")
+    n: int = Field(8, ge=1, description="the N of Best-of-N that the dataset's weights target")
+    rm_id: str | None = Field(None, description="reward model id; required when the round has several")

@@ -16,50 +16,16 @@ trainer's log A(y)) and under the sampler (`sample_logprob`).
 from __future__ import annotations
 
 import json
-import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Protocol
 
 import pyarrow as pa
 
 from bond_data import schema
-from bond_data.store import Store, shard_manifest, write_parquet_atomic
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 32
-
-
-@dataclass
-class PromptJob:
-    """One prompt's missing samples: what a backend is asked to produce."""
-
-    prompt_id: str
-    prompt: str
-    messages: list[dict] | None
-    sample_indices: list[int]
-    seeds: list[int]
-
-
-@dataclass
-class Completion:
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" or "length"
-    anchor_logprob: float
-    sample_logprob: float
-
-
-class Backend(Protocol):
-    name: str
-
-    def generate(self, jobs: list[PromptJob], sampling: Sampling) -> list[list[Completion]]:
-        """One list of completions per job, in the order of its sample_indices."""
-        ...
+from bond_data.backends import load_backend
+from bond_data.backends.base import Completion, PromptJob, Sampling
+from bond_data.files import write_parquet_atomic
+from bond_data.store import Store, shard_manifest
 
 
 # ---- planning (driver side) -------------------------------------------------------------------
@@ -120,25 +86,3 @@ def candidate_table(round_: int, jobs: list[PromptJob], completions: list[list[C
                 "sampling": params, "seed": seed,
             })
     return pa.Table.from_pylist(rows, schema=schema.CANDIDATES)
-
-
-_BACKENDS: dict[tuple, Backend] = {}
-_BACKENDS_LOCK = threading.Lock()
-
-
-def load_backend(name: str, model_dir: str, model_hash: str, batch_size: int, device: str | None) -> Backend:
-    """One loaded model per (backend, checkpoint, device) and process, shared by the worker's threads."""
-    key = (name, model_dir, model_hash, batch_size, device)
-    with _BACKENDS_LOCK:
-        if key not in _BACKENDS:
-            if name == "transformers":
-                from bond_data.hf_backend import TransformersBackend
-
-                _BACKENDS[key] = TransformersBackend(model_dir, batch_size=batch_size, device=device)
-            elif name == "vllm":
-                from bond_data.vllm_backend import VLLMBackend
-
-                _BACKENDS[key] = VLLMBackend(model_dir)
-            else:
-                raise ValueError(f"unknown generation backend {name!r}: use 'transformers' or 'vllm'")
-        return _BACKENDS[key]

@@ -16,7 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from bond_data import schema
-from bond_data.store import Store, shard_manifest, write_parquet_atomic
+from bond_data.files import write_parquet_atomic
+from bond_data.store import Store, shard_manifest
 
 ROLES = {"system", "user", "assistant", "tool"}
 

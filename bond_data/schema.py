@@ -93,10 +93,16 @@ def candidate_id(round_: int, prompt_id_: str, sample_index: int) -> str:
     return sha256_hex(f"cand\0{round_}\0{prompt_id_}\0{sample_index}")
 
 
-def candidate_seed(round_: int, prompt_id_: str, sample_index: int) -> int:
-    """The sampling seed of one candidate: a 63-bit hash of (round, prompt_id, sample index)."""
-    digest = hashlib.sha256(f"seed\0{round_}\0{prompt_id_}\0{sample_index}".encode()).digest()
+def seed63(*parts: object) -> int:
+    """A 63-bit seed hashed from its parts (joined by NUL): a pure function of identity, so a sample
+    never depends on time, batching or which worker drew it. Every sampling seed comes from here."""
+    digest = hashlib.sha256("\0".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def candidate_seed(round_: int, prompt_id_: str, sample_index: int) -> int:
+    """The sampling seed of one candidate: a hash of (round, prompt_id, sample index)."""
+    return seed63("seed", round_, prompt_id_, sample_index)
 
 
 def empty_table(schema: pa.Schema) -> pa.Table:

@@ -25,7 +25,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bond_data import schema
-from bond_data.store import Store, folder_sha256, shard_manifest, write_parquet_atomic
+from bond_data.device import resolve_device
+from bond_data.files import folder_sha256, write_parquet_atomic
+from bond_data.store import Store, shard_manifest
 
 
 class RewardError(ValueError):
@@ -88,7 +90,7 @@ def _sequence_classifier(folder: str, device: str | None) -> Callable[[list[tupl
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -129,6 +131,14 @@ def score_pairs(score_batch: Callable, pairs: list[tuple[str, str]], batch_size:
     return rewards
 
 
+def check_finite(rewards, describe: Callable[[int], str]) -> None:
+    """Raise RewardError(describe(i)) for the first NaN or infinite reward: never a number that
+    reaches the weights or a loss."""
+    for i, r in enumerate(rewards):
+        if not math.isfinite(r):
+            raise RewardError(describe(i))
+
+
 def shard_rows(store_root: Path, candidates: dict, prompt_files: list[str]) -> list[dict]:
     """A candidates shard joined with its prompts' text, read from Parquet alone: workers never
     open the catalog (only the driver does, and DuckDB allows one writer process)."""
@@ -149,12 +159,8 @@ def score_shard(store_root: str, candidates: dict, prompt_files: list[str], spec
     rm = load_reward_model(spec, rm_id, device)
     rows = shard_rows(store.root, candidates, prompt_files)
     rewards = score_pairs(rm.score_batch, [(r["prompt"], r["completion"]) for r in rows], batch_size)
-    for row, reward in zip(rows, rewards):
-        if not math.isfinite(reward):
-            raise RewardError(
-                f"reward model {rm.rm_id} ({spec}) returned {reward} for candidate {row['candidate_id']} "
-                f"(prompt {row['prompt_id']}, shard {candidates['path']}); nothing was written"
-            )
+    check_finite(rewards, lambda i: f"reward model {rm.rm_id} ({spec}) returned {rewards[i]} for candidate "
+                 f"{rows[i]['candidate_id']} (prompt {rows[i]['prompt_id']}, shard {candidates['path']}); nothing was written")
     table = pa.Table.from_pylist(
         [{"candidate_id": r["candidate_id"], "prompt_id": r["prompt_id"], "round": r["round"],
           "rm_id": rm.rm_id, "rm_hash": rm.rm_hash, "reward": x} for r, x in zip(rows, rewards)],

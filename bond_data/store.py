@@ -19,10 +19,8 @@ store folder, so the store can be moved or opened from any working directory.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +29,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bond_data import schema
+from bond_data.errors import StoreError
+from bond_data.files import file_sha256, is_temporary
+
+__all__ = ["Store", "StoreError", "read_only_query", "shard_manifest"]
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS rounds (
@@ -85,47 +87,6 @@ _DUCK_TYPES = {
     pa.list_(pa.int32()): "INTEGER[]",
 }
 ALLOWED_READ_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
-
-
-class StoreError(RuntimeError):
-    """A store operation that cannot proceed; the message names the file, shard or id."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-CHECKPOINT_EXTRAS = ("trainer_state.pt", "manifest.json")  # beside a model, not part of its identity
-
-
-def folder_sha256(folder: Path, exclude: tuple[str, ...] = CHECKPOINT_EXTRAS) -> str:
-    """Content hash of a model folder: every file's relative path and bytes, in sorted order
-    (hidden files and the trainer's own state and manifest excluded)."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in Path(folder).rglob("*")
-                   if p.is_file() and not p.name.startswith(".") and p.name not in exclude)
-    if not files:
-        raise StoreError(f"{folder}: empty or missing checkpoint folder")
-    for path in files:
-        digest.update(f"{path.relative_to(folder).as_posix()}\0{file_sha256(path)}\n".encode())
-    return digest.hexdigest()
-
-
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write to a temporary name beside `path`, fsync, then rename: readers see all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def shard_manifest(store_root: Path, path: Path, kind: str, shard_id: str, **extra) -> dict:
@@ -227,8 +188,7 @@ class Store:
         removed = []
         for path in folder.rglob("*"):
             rel = path.relative_to(self.root).as_posix()
-            is_tmp = path.name.startswith(".") and ".tmp-" in path.name
-            if path.is_file() and (is_tmp or (path.suffix == ".parquet" and rel not in known)):
+            if path.is_file() and (is_temporary(path) or (path.suffix == ".parquet" and rel not in known)):
                 path.unlink()
                 removed.append(path)
         return removed

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from prefect import flow, task
 
-from bond_data.config import BuildConfig, GenerateConfig, ScoreConfig, TrainConfig
+from bond_data.config import BuildConfig, GenerateConfig, ScoreConfig
 from bond_data.store import Store, StoreError
 from flows.stages import run_build, run_generate, run_score
+from trainer.config import TrainConfig
 
 
 @flow(name="bond-curate-round", log_prints=True)

@@ -1,6 +1,8 @@
-"""Prefect flows for the curation stages: generate, score, build. Thin: each task calls one
-`bond_data` function; the flow plans the missing shards, fans them out, and registers each
-finished shard in the catalog as it arrives (only this driver process writes the catalog).
+"""Prefect flows for the curation stages: generate, score, build.
+
+Thin: each flow calls the stage of `bond_data.stages` (the same checks, orphan cleanup, planning
+and registration as the no-Prefect path) with an executor that submits each shard as a Prefect
+task and hands back manifests as they complete; the driver registers each one as it arrives.
 
 Run from Python (`run_generate(store, GenerateConfig(...))`) or from the CLI (`bond generate`).
 `runner="dask"` fans out with prefect-dask's DaskTaskRunner: a LocalCluster of `dask_workers`
@@ -9,11 +11,14 @@ processes, or the scheduler at `dask_address`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from prefect import flow, task
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from bond_data import build, generate, score
+from bond_data import generate, score, stages
+from bond_data.backends.base import Sampling
 from bond_data.config import BuildConfig, GenerateConfig, RunnerConfig, ScoreConfig
 from bond_data.store import Store, StoreError
 
@@ -29,55 +34,43 @@ def _transient(task, task_run, state) -> bool:
     return False
 
 
-@task(retries=2, retry_condition_fn=_transient, task_run_name="generate-{plan[shard_id]}")
-def generate_shard_task(store_root: str, plan: dict, anchor: dict, cfg: dict) -> dict:
-    sampling = generate.Sampling(cfg["temperature"], cfg["top_p"], cfg["max_new_tokens"])
-    return generate.generate_shard(store_root, plan, anchor, cfg["backend"], sampling, cfg["batch_size"], cfg["device"])
+generate_shard_task = task(generate.generate_shard, name="generate-shard", retries=2,
+                           retry_condition_fn=_transient, task_run_name="generate-{plan[shard_id]}")
+score_shard_task = task(score.score_shard, name="score-shard", retries=2,
+                        retry_condition_fn=_transient, task_run_name="score-{candidates[shard_id]}")
+_SHARD_TASKS = {generate.generate_shard: generate_shard_task, score.score_shard: score_shard_task}
 
 
-@task(retries=2, retry_condition_fn=_transient, task_run_name="score-{candidates[shard_id]}")
-def score_shard_task(store_root: str, candidates: dict, prompt_files: list[str], cfg: dict) -> dict:
-    return score.score_shard(store_root, candidates, prompt_files, cfg["rm"], cfg["rm_id"], cfg["batch_size"], cfg["device"])
-
-
-def _register_as_completed(store: Store, futures: list) -> int:
-    """Register each shard the moment its task finishes: a crash later loses none of them."""
+def prefect_shards(fn: Callable[..., dict], calls: list[tuple]) -> Iterable[dict]:
+    """A `bond_data.stages.ShardRunner`: every call as a task on the flow's task runner, results
+    in order of completion."""
+    futures = [_SHARD_TASKS[fn].submit(*args) for args in calls]
     for future in as_completed(futures):
-        store.register_shards([future.result()])
-    return len(futures)
+        yield future.result()
 
 
 @flow(name="bond-generate", log_prints=True)
 def generate_flow(store: str, cfg: dict) -> dict:
-    st = Store(store)
-    anchor = st.anchor(cfg["round"])
-    if anchor is None:
-        raise StoreError(f"round {cfg['round']} has no registered anchor: run `bond init --anchor DIR` first")
-    st.remove_orphans(f"candidates/round={cfg['round']}")
-    plans = generate.plan_generation(st, cfg["round"], cfg["k"], cfg["shard_prompts"])
-    futures = [generate_shard_task.submit(str(st.root), p, anchor, cfg) for p in plans]
-    done = _register_as_completed(st, futures)
-    print(f"round {cfg['round']}: generated {done} shard(s); k = {cfg['k']}")
-    return {"round": cfg["round"], "shards_generated": done}
+    c = GenerateConfig.model_validate(cfg)
+    result = stages.generate_round(Store(store), c.round, c.k, Sampling(c.temperature, c.top_p, c.max_new_tokens),
+                                   c.shard_prompts, c.backend, c.batch_size, c.device, run_shards=prefect_shards)
+    print(f"round {c.round}: generated {result['shards_generated']} shard(s); k = {c.k}")
+    return result
 
 
 @flow(name="bond-score", log_prints=True)
 def score_flow(store: str, cfg: dict) -> dict:
-    st = Store(store)
-    rm_id, rm_hash = score.describe_reward_model(cfg["rm"], cfg["rm_id"])
-    st.register_reward_model(rm_id, rm_hash, cfg["rm"])
-    st.remove_orphans(f"scores/round={cfg['round']}/rm={rm_id}")
-    prompt_files = [m["path"] for m in st.registered_shards("prompts")]
-    todo = score.plan_scoring(st, cfg["round"], rm_id)
-    futures = [score_shard_task.submit(str(st.root), m, prompt_files, {**cfg, "rm_id": rm_id}) for m in todo]
-    done = _register_as_completed(st, futures)
-    print(f"round {cfg['round']}: scored {done} shard(s) with {rm_id}")
-    return {"round": cfg["round"], "rm_id": rm_id, "shards_scored": done}
+    c = ScoreConfig.model_validate(cfg)
+    result = stages.score_round(Store(store), c.round, c.rm, c.rm_id, c.batch_size, c.device,
+                                run_shards=prefect_shards)
+    print(f"round {c.round}: scored {result['shards_scored']} shard(s) with {result['rm_id']}")
+    return result
 
 
 @flow(name="bond-build", log_prints=True)
 def build_flow(store: str, cfg: dict) -> dict:
-    return build.build_dataset(Store(store), cfg["round"], cfg["n"], cfg["rm_id"])
+    c = BuildConfig.model_validate(cfg)
+    return stages.build_round(Store(store), c.round, c.n, c.rm_id)
 
 
 def task_runner(cfg: RunnerConfig):

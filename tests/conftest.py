@@ -16,16 +16,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from bond_data.store import Store, folder_sha256  # noqa: E402
+from bond_data.files import folder_sha256  # noqa: E402
+from bond_data.store import Store  # noqa: E402
 from testutil import write_jsonl  # noqa: E402
-
-TINY_REWARD = "bond_data.tiny_task:reward"
-
 
 @pytest.fixture(scope="session")
 def untrained_model(tmp_path_factory):
     """A tiny untrained Llama + tokenizer folder: fast, and its samples vary a lot."""
-    from bond_data.tiny_task import save_untrained_model
+    from bond_data.tasks.common import save_untrained_model
 
     return save_untrained_model(tmp_path_factory.mktemp("model") / "tiny")
 

@@ -2,7 +2,8 @@
 
 import json
 
-from bond_data import local
+from bond_data import stages
+from bond_data.backends.base import Sampling
 
 
 def write_jsonl(path, records):
@@ -13,9 +14,12 @@ def write_jsonl(path, records):
 REWARD = "rewards_for_tests:letter_count"
 
 
-def run_generation(store, k, round_=0, shard_prompts=4, max_new_tokens=8):
-    return local.generate_round(store, round_, k, max_new_tokens, shard_prompts, batch_size=16)
+def run_generation(store, k, round_=0, shard_prompts=4, max_new_tokens=8) -> int:
+    """Generate without Prefect (the stage the flows run); the number of shards written."""
+    result = stages.generate_round(store, round_, k, Sampling(max_new_tokens=max_new_tokens), shard_prompts, batch_size=16)
+    return result["shards_generated"]
 
 
-def run_scoring(store, spec=REWARD, round_=0, rm_id=None):
-    return local.score_round(store, round_, spec, rm_id)
+def run_scoring(store, spec=REWARD, round_=0, rm_id=None) -> str:
+    """Score without Prefect; the reward model's id."""
+    return stages.score_round(store, round_, spec, rm_id)["rm_id"]

@@ -19,3 +19,13 @@ def ema_update(anchor: dict[str, torch.Tensor], policy: dict[str, torch.Tensor],
             a.lerp_(p.to(a.dtype), eta)
         else:
             a.copy_(p)
+
+
+def ema_state(model) -> dict[str, torch.Tensor]:
+    """state_dict with tied weights once, so the in-place EMA moves each tensor exactly once."""
+    seen, out = set(), {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            out[name] = tensor
+    return out

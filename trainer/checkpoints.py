@@ -8,14 +8,12 @@ Training state (optimizer, scheduler, step, EMA anchor weights, RNG) sits beside
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 
-from bond_data.store import file_sha256, folder_sha256
+from bond_data.device import resolve_device
+from bond_data.files import atomic_path, file_sha256, folder_sha256
 
 MANIFEST = "manifest.json"
 
@@ -23,20 +21,13 @@ MANIFEST = "manifest.json"
 def save_checkpoint(folder: Path, model, tokenizer, state: dict | None = None, meta: dict | None = None) -> str:
     """Write model + tokenizer (+ training state) atomically; return the checkpoint's content hash."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_path(folder) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if state is not None:
             torch.save(state, tmp / "trainer_state.pt")
         files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps({"files": files, **(meta or {})}, indent=1, sort_keys=True))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return model_hash(folder)
 
 
@@ -58,3 +49,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The complete `step-N` checkpoint with the largest N, if any."""
     steps = sorted(Path(run_dir).glob("step-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
     return next((p for p in steps if is_complete(p)), None)
+
+
+def load_policy(folder, device: str | torch.device | None = None):
+    """(model in fp32 and train mode, tokenizer) from a transformers folder: what the trainers start from."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    policy = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+    policy.train()
+    return policy, tokenizer

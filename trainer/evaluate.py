@@ -14,55 +14,43 @@ continuous rewards its mean is (k+2) / (2(k+1)), a shade above 1/2 (ties push it
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bond_data.backends.base import PromptJob, Sampling
 from bond_data.bon import analytic_bon
-from bond_data.store import file_sha256, folder_sha256, write_parquet_atomic
+from bond_data.files import atomic_path, file_sha256, folder_sha256, write_parquet_atomic, write_text_atomic
+from bond_data.schema import seed63
 
 POOL_FILE, META_FILE = "eval_pool.parquet", "eval_pool.json"
 BATCH_SIZE = 64  # generation, reward and pi_0 scoring micro-batches
 
 
-def _seed(tag: str, seed: int, prompt_index: int, sample_index: int) -> int:
-    """A 63-bit seed per (purpose, seed, prompt, sample): the pool ("pool") and the policy samples
-    ("eval") never share a seed, and a sample does not depend on batching."""
-    digest = hashlib.sha256(f"{tag}\0{seed}\0{prompt_index}\0{sample_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
 def _backend(model_dir: str):
-    import torch
+    from bond_data.backends.hf import TransformersBackend
 
-    from bond_data.hf_backend import TransformersBackend
-
-    return TransformersBackend(model_dir, batch_size=BATCH_SIZE, device="cuda" if torch.cuda.is_available() else "cpu")
+    return TransformersBackend.from_pretrained(model_dir, batch_size=BATCH_SIZE)
 
 
 def _sample(backend, prompts: list[str], per_prompt: int, max_new_tokens: int, tag: str, seed: int):
-    """per_prompt completions of every prompt at temperature 1 (the distribution KL is about)."""
-    from bond_data.generate import PromptJob, Sampling
-
-    jobs = [PromptJob(str(i), p, None, list(range(per_prompt)), [_seed(tag, seed, i, s) for s in range(per_prompt)])
+    """per_prompt completions of every prompt at temperature 1 (the distribution KL is about). The
+    pool ("pool") and the policy samples ("eval") never share a seed, and a sample does not depend
+    on batching."""
+    jobs = [PromptJob(str(i), p, None, list(range(per_prompt)), [seed63(tag, seed, i, s) for s in range(per_prompt)])
             for i, p in enumerate(prompts)]
     return backend.generate(jobs, Sampling(temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens))
 
 
 def _rewards(reward_spec: str, pairs: list[tuple[str, str]]) -> np.ndarray:
-    from bond_data.score import RewardError, load_reward_model, score_pairs
+    from bond_data.score import check_finite, load_reward_model, score_pairs
 
-    rewards = np.asarray(score_pairs(load_reward_model(reward_spec).score_batch, pairs, BATCH_SIZE))
-    if not np.all(np.isfinite(rewards)):
-        bad = int(np.flatnonzero(~np.isfinite(rewards))[0])
-        raise RewardError(f"reward model {reward_spec} returned {rewards[bad]} for {pairs[bad]!r}")
-    return rewards
+    rewards = score_pairs(load_reward_model(reward_spec).score_batch, pairs, BATCH_SIZE)
+    check_finite(rewards, lambda i: f"reward model {reward_spec} returned {rewards[i]} for {pairs[i]!r}")
+    return np.asarray(rewards)
 
 
 # ---- the pool ----------------------------------------------------------------------------------
@@ -92,9 +80,7 @@ def ensure_eval_pool(folder: Path, pi0_dir: str, prompts_file: str, reward_spec:
     table = pa.table({"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs],
                       "reward": pa.array(rewards, pa.float64())})
     write_parquet_atomic(table, pool)
-    tmp = meta_path.with_name(f".{META_FILE}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, meta_path)
+    write_text_atomic(json.dumps(meta, indent=2) + "\n", meta_path)
     return pool
 
 
@@ -115,28 +101,19 @@ def quantile_against_pool(pool_rewards: np.ndarray, reward: np.ndarray) -> np.nd
 
 # ---- one policy ------------------------------------------------------------------------------
 def _logprobs_under(backend, prompts: list[str], token_ids: list[list[int]]) -> np.ndarray:
-    """log pi_0(y | x) of given completion token ids: one forward pass per right-padded micro-batch
-    over the exact context they were sampled in (prompt_token_ids), as the trainer scores them."""
+    """log pi_0(y | x) of given completion token ids over the exact context they were sampled in
+    (prompt_token_ids), as the trainer scores them."""
     import torch
 
-    from bond_data.hf_backend import prompt_token_ids
-    from trainer.losses import sequence_logprobs
+    from bond_data.backends.hf import prompt_token_ids
+    from trainer.logprobs import completion_logprobs
 
     out = []
     for start in range(0, len(prompts), BATCH_SIZE):
-        ctx = [prompt_token_ids(backend.tokenizer, p, None) for p in prompts[start : start + BATCH_SIZE]]
-        seqs = [c + y for c, y in zip(ctx, token_ids[start : start + BATCH_SIZE])]
-        width = max(map(len, seqs))
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        attention = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width - 1)
-        for b, (c, s) in enumerate(zip(ctx, seqs)):
-            ids[b, : len(s)], attention[b, : len(s)] = torch.tensor(s), 1
-            mask[b, len(c) - 1 : len(s) - 1] = 1  # position t predicts token t + 1
-        ids, attention, mask = ids.to(backend.device), attention.to(backend.device), mask.to(backend.device)
+        rows = [{"prompt": prompt_token_ids(backend.tokenizer, p, None), "completion": y}
+                for p, y in zip(prompts[start : start + BATCH_SIZE], token_ids[start : start + BATCH_SIZE])]
         with torch.inference_mode():
-            logits = backend.model(input_ids=ids, attention_mask=attention).logits[:, :-1]
-        out.append(sequence_logprobs(logits, ids[:, 1:], mask).double().cpu().numpy())
+            out.append(completion_logprobs(backend.model, rows, backend.device).double().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -217,12 +194,9 @@ def plot_reward_vs_kl(rows: list[dict], out_png: Path, n: int) -> Path:
     left.set_title(f"quantile vs KL: BOND rounds vs Best-of-{n}^t")
     right.set_title("reward vs KL")
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, out_png)
+        with atomic_path(out_png) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return out_png

@@ -19,11 +19,19 @@ gradient. Means over rows are means over prompts of the per-prompt (1/k) sums, f
   way: (1/k) sum_i [rho_i log rho_i - rho_i + 1].
 
 The forward term drops its constant (the BoN entropy), so it is a cross-entropy, not a KL value.
+
+Online J-BOND (paper Algorithm 2, trainer/online.py) has its own surrogate, `jbond_loss`: the forward
+term on a Best-of-2 anchor sample, and REINFORCE on the policy's fresh samples with the reward
+`-log 16 * [r(y) < min(r(y'_1), r(y'_2))] - (log pi(y) - log anchor(y))` for the backward term.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+LOG16 = math.log(16.0)
 
 
 def forward_kl_loss(logp_policy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -64,3 +72,40 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Te
     logp = torch.log_softmax(logits.float(), dim=-1)  # [B, T, V]
     token_logp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T]
     return (token_logp * mask).sum(-1)  # [B]
+
+
+# ---- online J-BOND (paper Algorithm 2) -------------------------------------------------------
+def best_of_two(r_anchor1: torch.Tensor, r_anchor2: torch.Tensor) -> torch.Tensor:
+    """[B] bool: True where y'_1 is the Best-of-2 sample (ties: the first wins)."""
+    return r_anchor1 >= r_anchor2
+
+
+def jbond_backward_reward(r_policy, r_anchor1, r_anchor2, logp_policy, logp_anchor) -> torch.Tensor:
+    """R(y) = -log 16 * [r(y) < min(r(y'_1), r(y'_2))] - (log pi(y) - log anchor(y)), detached."""
+    below = r_policy < torch.minimum(r_anchor1, r_anchor2)
+    r_b = torch.where(below, -LOG16, 0.0).to(logp_policy.dtype)
+    return (r_b - (logp_policy - logp_anchor)).detach()
+
+
+def reinforce_loss(reward: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """-mean((R - mean R) * log pi(y)) with R a stop-gradient: its gradient is REINFORCE's."""
+    advantage = (reward - reward.mean()).detach()
+    return -(advantage * logp).mean()
+
+
+def jbond_loss(logp_best: torch.Tensor, logp_policy: torch.Tensor, logp_anchor: torch.Tensor,
+               r_policy: torch.Tensor, r_anchor1: torch.Tensor, r_anchor2: torch.Tensor,
+               beta: float, gamma: float = 0.0) -> dict[str, torch.Tensor]:
+    """The J-BOND surrogate ("loss", with gradient) and its terms (detached) for logging.
+
+    logp_best: log pi of the Best-of-2 anchor samples; logp_policy / logp_anchor: log pi and
+    log anchor of the policy samples; r_*: rewards of the policy and the two anchor samples."""
+    forward = -logp_best.mean()
+    reward = jbond_backward_reward(r_policy, r_anchor1, r_anchor2, logp_policy.detach(), logp_anchor)
+    backward = reinforce_loss(reward, logp_policy)
+    log_ratio = (logp_policy - logp_anchor).detach()
+    anchor_kl = reinforce_loss(-log_ratio, logp_policy)
+    loss = (1 - beta) * forward + beta * backward + gamma * anchor_kl
+    return {"loss": loss, "forward": forward.detach(), "backward": backward.detach(),
+            "anchor_kl": anchor_kl.detach(), "backward_reward": reward.mean(), "log_ratio": log_ratio.mean(),
+            "below_both": (r_policy < torch.minimum(r_anchor1, r_anchor2)).float().mean()}

@@ -36,7 +36,7 @@ How this differs from the paper, point by point:
      (one sample per prompt), not a per-token KL; gamma's term has its own baseline.
   5. Optimiser: AdamW at a constant lr (no warm-up or schedule), global grad-norm clipping, one
      optimizer step per batch of prompts; prompts are shuffled per pass (seeded) and cycled.
-  6. Sampling: temperature 1, no top-p/k, through bond_data.hf_backend (seeded Gumbel-max), with a
+  6. Sampling: temperature 1, no top-p/k, through bond_data.backends.hf (seeded Gumbel-max), with a
      distinct seed per (seed, step, slot, prompt, role, sample); dropout off (eval mode) throughout,
      so sampled sequences and their trained log-probs come from the same distribution.
   7. One process, no DDP or resume: the offline trainer has those; this mode is for small runs.
@@ -44,134 +44,45 @@ How this differs from the paper, point by point:
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import hashlib
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import Field
-from transformers import AutoTokenizer, GenerationConfig
 
-from bond_data.config import _Config
-from bond_data.generate import Completion, PromptJob, Sampling
-from bond_data.hf_backend import TransformersBackend, prompt_token_ids
-from bond_data.score import RewardError, load_reward_model, score_pairs
+from bond_data.backends.base import Completion, PromptJob, Sampling
+from bond_data.backends.hf import TransformersBackend, prompt_token_ids
+from bond_data.device import resolve_device
+from bond_data.schema import seed63
+from bond_data.score import check_finite, load_reward_model, score_pairs
 from trainer import checkpoints
-from trainer.anchor import ema_update
-from trainer.losses import sequence_logprobs
-from trainer.train import _collate, _load, _MetricsLog
-
-LOG16 = math.log(16.0)
-
-
-class OnlineConfig(_Config):
-    beta: float = Field(0.5, ge=0, le=1)  # Jeffreys mix: 0 forward only (mode covering) .. 1 backward only (seeking)
-    eta: float = Field(0.02, ge=0, le=1)  # EMA anchor step per optimizer step; 0 keeps the anchor at the start
-    gamma: float = Field(0.0, ge=0)  # weight of the extra KL(pi || anchor) regulariser
-    lr: float = Field(3e-4, gt=0)  # AdamW learning rate, constant
-    steps: int = Field(100, ge=1)  # optimizer steps
-    prompts_per_step: int = Field(32, ge=1)  # prompts per step; each gets 1 policy + 2 anchor samples
-    max_new_tokens: int = Field(16, ge=1)  # completion length cap for all samples
-    max_grad_norm: float = Field(1.0, gt=0)  # global gradient-norm clip
-    gen_batch_size: int = Field(64, ge=1)  # sequences per generate() call and per reward-model call
-    seed: int = 0  # sampling seeds and the prompt order derive from it
-    device: str | None = None  # None picks cuda when available (bf16 autocast on cuda)
-
-
-# ---- the pure math ---------------------------------------------------------------------------
-def best_of_two(r_anchor1: torch.Tensor, r_anchor2: torch.Tensor) -> torch.Tensor:
-    """[B] bool: True where y'_1 is the Best-of-2 sample (ties: the first wins)."""
-    return r_anchor1 >= r_anchor2
-
-
-def jbond_backward_reward(r_policy, r_anchor1, r_anchor2, logp_policy, logp_anchor) -> torch.Tensor:
-    """R(y) = -log 16 * [r(y) < min(r(y'_1), r(y'_2))] - (log pi(y) - log anchor(y)), detached."""
-    below = r_policy < torch.minimum(r_anchor1, r_anchor2)
-    r_b = torch.where(below, -LOG16, 0.0).to(logp_policy.dtype)
-    return (r_b - (logp_policy - logp_anchor)).detach()
-
-
-def reinforce_loss(reward: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """-mean((R - mean R) * log pi(y)) with R a stop-gradient: its gradient is REINFORCE's."""
-    advantage = (reward - reward.mean()).detach()
-    return -(advantage * logp).mean()
-
-
-def jbond_loss(logp_best: torch.Tensor, logp_policy: torch.Tensor, logp_anchor: torch.Tensor,
-               r_policy: torch.Tensor, r_anchor1: torch.Tensor, r_anchor2: torch.Tensor,
-               beta: float, gamma: float = 0.0) -> dict[str, torch.Tensor]:
-    """The J-BOND surrogate ("loss", with gradient) and its terms (detached) for logging.
-
-    logp_best: log pi of the Best-of-2 anchor samples; logp_policy / logp_anchor: log pi and
-    log anchor of the policy samples; r_*: rewards of the policy and the two anchor samples."""
-    forward = -logp_best.mean()
-    reward = jbond_backward_reward(r_policy, r_anchor1, r_anchor2, logp_policy.detach(), logp_anchor)
-    backward = reinforce_loss(reward, logp_policy)
-    log_ratio = (logp_policy - logp_anchor).detach()
-    anchor_kl = reinforce_loss(-log_ratio, logp_policy)
-    loss = (1 - beta) * forward + beta * backward + gamma * anchor_kl
-    return {"loss": loss, "forward": forward.detach(), "backward": backward.detach(),
-            "anchor_kl": anchor_kl.detach(), "backward_reward": reward.mean(), "log_ratio": log_ratio.mean(),
-            "below_both": (r_policy < torch.minimum(r_anchor1, r_anchor2)).float().mean()}
+from trainer.anchor import ema_state, ema_update
+from trainer.config import OnlineConfig
+from trainer.logprobs import completion_logprobs
+from trainer.losses import best_of_two, jbond_loss
+from trainer.metrics import MetricsLog
 
 
 # ---- sampling and scoring --------------------------------------------------------------------
-class _InMemoryBackend(TransformersBackend):
-    """TransformersBackend's seeded batched sampling around a model already in memory."""
-
-    def __init__(self, model, model_dir: str, device: torch.device, batch_size: int):
-        self.device, self.model, self.batch_size = device, model, batch_size
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self._plain = GenerationConfig(eos_token_id=self.tokenizer.eos_token_id,
-                                       pad_token_id=self.tokenizer.pad_token_id)
-
-    def _generate_batch(self, batch, sampling):
-        """As the parent, with the model's own sampling defaults swapped out only meanwhile, so
-        the checkpoint saved later keeps them."""
-        saved, self.model.generation_config = self.model.generation_config, self._plain
-        try:
-            return super()._generate_batch(batch, sampling)
-        finally:
-            self.model.generation_config = saved
-
-
-def sample_seed(seed: int, step: int, slot: int, prompt: int, role: str, sample: int) -> int:
-    """A 63-bit seed, distinct per (run seed, step, batch slot, prompt, role, sample index)."""
-    digest = hashlib.sha256(f"online\0{seed}\0{step}\0{slot}\0{prompt}\0{role}\0{sample}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
 def _sample(backend, prompts: list[str], batch: list[int], step: int, role: str, n: int,
             cfg: OnlineConfig) -> list[list[Completion]]:
     jobs = [PromptJob(str(i), prompts[i], None, list(range(n)),
-                      [sample_seed(cfg.seed, step, j, i, role, s) for s in range(n)]) for j, i in enumerate(batch)]
+                      [seed63("online", cfg.seed, step, j, i, role, s) for s in range(n)]) for j, i in enumerate(batch)]
     return backend.generate(jobs, Sampling(max_new_tokens=cfg.max_new_tokens))
 
 
 def _rewards(rm, prompts: list[str], completions: list[Completion], cfg: OnlineConfig) -> torch.Tensor:
     out = score_pairs(rm.score_batch, [(p, c.text) for p, c in zip(prompts, completions)], cfg.gen_batch_size)
-    bad = [i for i, r in enumerate(out) if not math.isfinite(r)]
-    if bad:
-        raise RewardError(f"reward model {rm.rm_id} returned {out[bad[0]]} for prompt {prompts[bad[0]]!r}, "
-                          f"completion {completions[bad[0]].text!r}")
+    check_finite(out, lambda i: f"reward model {rm.rm_id} returned {out[i]} for prompt {prompts[i]!r}, "
+                 f"completion {completions[i].text!r}")
     return torch.tensor(out, dtype=torch.float32)
 
 
 def _logprobs(model, prompt_ids: list[list[int]], completions: list[Completion], device) -> torch.Tensor:
-    """[B] log model(completion | prompt), summed over the completion's tokens (reuses _collate)."""
+    """[B] log model(completion | prompt), summed over the completion's tokens."""
     rows = [{"prompt": p, "completion": c.token_ids} for p, c in zip(prompt_ids, completions)]
-    input_ids, attention, labels, mask = _collate(rows, device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    with autocast:
-        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
-    return sequence_logprobs(logits, labels, mask).cpu()
+    return completion_logprobs(model, rows, device).cpu()
 
 
 # ---- the loop --------------------------------------------------------------------------------
@@ -180,16 +91,6 @@ def _prompt_order(n_prompts: int, cfg: OnlineConfig) -> list[int]:
     need = cfg.steps * cfg.prompts_per_step
     passes = [np.random.default_rng(cfg.seed + e).permutation(n_prompts) for e in range(-(-need // n_prompts))]
     return np.concatenate(passes)[:need].tolist()
-
-
-def _unaliased_state(model) -> dict[str, torch.Tensor]:
-    """state_dict with tied weights once, so the in-place EMA moves each tensor exactly once."""
-    seen, out = set(), {}
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            out[name] = tensor
-    return out
 
 
 def _step(run: dict, prompts: list[str], batch: list[int], step: int, cfg: OnlineConfig) -> dict:
@@ -219,14 +120,15 @@ def _step(run: dict, prompts: list[str], batch: list[int], step: int, cfg: Onlin
 
 
 def _setup(policy_dir: str, reward_spec: str, prompts: list[str], cfg: OnlineConfig) -> dict:
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    policy, tokenizer = _load(policy_dir, device)
+    device = resolve_device(cfg.device)
+    policy, tokenizer = checkpoints.load_policy(policy_dir, device)
     policy.eval()  # no dropout: samples and their log-probs share one distribution
     anchor = copy.deepcopy(policy).requires_grad_(False)
+    saved_generation_config = copy.deepcopy(policy.generation_config)  # the backends replace it
     return {"device": device, "policy": policy, "anchor": anchor, "tokenizer": tokenizer,
-            "anchor_state": _unaliased_state(anchor),
-            "policy_gen": _InMemoryBackend(policy, policy_dir, device, cfg.gen_batch_size),
-            "anchor_gen": _InMemoryBackend(anchor, policy_dir, device, cfg.gen_batch_size),
+            "anchor_state": ema_state(anchor), "generation_config": saved_generation_config,
+            "policy_gen": TransformersBackend(policy, copy.deepcopy(tokenizer), device, cfg.gen_batch_size),
+            "anchor_gen": TransformersBackend(anchor, copy.deepcopy(tokenizer), device, cfg.gen_batch_size),
             "rm": load_reward_model(reward_spec, device=cfg.device),
             "prompt_ids": [prompt_token_ids(tokenizer, p, None) for p in prompts],
             "opt": torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)}
@@ -243,7 +145,7 @@ def train_online(policy_dir: str, prompts: list[str], reward_spec: str, out_dir:
         raise ValueError("train_online needs at least one prompt")
     run = _setup(policy_dir, reward_spec, prompts, cfg)
     order = _prompt_order(len(prompts), cfg)
-    log = _MetricsLog(Path(metrics_path), 0, total=cfg.steps, start=0) if metrics_path else None
+    log = MetricsLog(Path(metrics_path), 0, total=cfg.steps, start=0) if metrics_path else None
     history = []
     try:
         for step in range(cfg.steps):
@@ -260,6 +162,8 @@ def train_online(policy_dir: str, prompts: list[str], reward_spec: str, out_dir:
 
 def _save(run: dict, out_dir: Path, cfg: OnlineConfig, history: list[dict]) -> dict:
     meta = {"mode": "online-jbond", "steps": cfg.steps, "config": cfg.model_dump()}
+    for model in (run["policy"], run["anchor"]):  # the checkpoint keeps its own sampling defaults
+        model.generation_config = copy.deepcopy(run["generation_config"])
     # the policy first: save_checkpoint replaces the whole folder, anchor/ included
     policy_hash = checkpoints.save_checkpoint(out_dir, run["policy"], run["tokenizer"], meta=meta)
     anchor_hash = checkpoints.save_checkpoint(out_dir / "anchor", run["anchor"], run["tokenizer"],

@@ -27,20 +27,23 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bond_data.config import TrainConfig, add_config_flags
-from bond_data.hf_backend import prompt_token_ids
+from bond_data.backends.hf import prompt_token_ids
+from bond_data.config import add_config_flags
+from bond_data.device import resolve_device
 from bond_data.store import Store, StoreError
 from trainer import checkpoints
 from trainer.anchor import ema_update
+from trainer.config import TrainConfig
+from trainer.logprobs import autocast, collate
 from trainer.losses import jeffreys_loss, sequence_logprobs
+from trainer.metrics import MetricsLog
 
 
 def train(store_root: str, cfg: TrainConfig) -> dict:
     store = Store(store_root)
     rank, world = _init_distributed()
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     done = store.anchor(cfg.round + 1)
@@ -51,20 +54,22 @@ def train(store_root: str, cfg: TrainConfig) -> dict:
     run_dir = store.root / "train" / f"round={cfg.round}" / dataset["dataset_id"]
     resume = checkpoints.latest_checkpoint(run_dir)
     anchor = store.anchor(cfg.round)
-    policy, tokenizer = _load(resume or anchor["anchor_path"], device)
+    policy, tokenizer = checkpoints.load_policy(resume or anchor["anchor_path"], device)
     ema = {k: v.detach().clone() for k, v in policy.state_dict().items()} if cfg.eta > 0 else None
     model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
 
     rows = _load_rows(store.root / dataset["path"], tokenizer)
-    plan = _batch_plan(rows, cfg, world)  # [step][micro-batch] -> row indices, for this rank
+    plan = _batch_plan(rows, cfg.micro_batch_size, cfg.grad_accum, cfg.epochs, cfg.seed, world)  # [step][rank][micro]
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     step = _restore(resume, opt, sched, ema) if resume else 0
 
-    log = _MetricsLog(run_dir / "metrics.jsonl", rank, total=len(plan), start=step)
+    log = MetricsLog(run_dir / "metrics.jsonl", rank, total=len(plan), start=step)
+    global_rows = cfg.micro_batch_size * cfg.grad_accum * world
     while step < len(plan):
         t0 = time.perf_counter()
-        metrics = _train_step(model, plan[step][rank], rows, cfg, device, world)  # forward + backward
+        batch = [[rows[i] for i in micro] for micro in plan[step][rank]]
+        metrics = train_step(model, batch, cfg.beta, cfg.gamma, global_rows, world, device)  # forward + backward
         metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
         opt.step()
         sched.step()
@@ -99,13 +104,6 @@ def _dataset_record(store: Store, cfg: TrainConfig) -> dict:
     return rows[0]
 
 
-def _load(folder, device: torch.device):
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    policy = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
-    policy.train()
-    return policy, tokenizer
-
-
 def _load_rows(path: Path, tokenizer) -> list[dict]:
     """Each row: prompt ids + completion ids (as generated), weight and log A."""
     table = pq.read_table(path, columns=["prompt", "messages", "token_ids", "bon_weight", "anchor_logprob"])
@@ -118,18 +116,19 @@ def _load_rows(path: Path, tokenizer) -> list[dict]:
     return rows
 
 
-def _batch_plan(rows: list[dict], cfg: TrainConfig, world: int) -> list[list[list[list[int]]]]:
+def _batch_plan(rows: list[dict], micro_batch_size: int, grad_accum: int, epochs: int, seed: int,
+                world: int) -> list[list[list[list[int]]]]:
     """plan[step][rank] = that rank's micro-batches. A global batch is shuffled per epoch, sorted by
     length within itself (less padding) and dealt out identically whatever the world size, so a
     run on 2 processes sees the same global batches as one process with twice the accumulation."""
-    per_step = cfg.micro_batch_size * cfg.grad_accum * world
+    per_step = micro_batch_size * grad_accum * world
     lengths = np.array([len(r["prompt"]) + len(r["completion"]) for r in rows])
     plan = []
-    for epoch in range(cfg.epochs):
-        order = np.random.default_rng(cfg.seed + epoch).permutation(len(rows))
+    for epoch in range(epochs):
+        order = np.random.default_rng(seed + epoch).permutation(len(rows))
         for start in range(0, len(order) - per_step + 1, per_step):  # drop the ragged tail
             batch = sorted(order[start : start + per_step].tolist(), key=lambda i: lengths[i])
-            micro = [batch[m : m + cfg.micro_batch_size] for m in range(0, per_step, cfg.micro_batch_size)]
+            micro = [batch[m : m + micro_batch_size] for m in range(0, per_step, micro_batch_size)]
             plan.append([micro[r::world] for r in range(world)])
     if not plan:
         raise ValueError(f"dataset has {len(rows)} rows, fewer than one global batch of {per_step}")
@@ -137,76 +136,32 @@ def _batch_plan(rows: list[dict], cfg: TrainConfig, world: int) -> list[list[lis
 
 
 # ---- one optimizer step ----------------------------------------------------------------------
-def _train_step(model, micro_batches: list[list[int]], rows: list[dict], cfg: TrainConfig,
-                device: torch.device, world: int) -> dict:
-    """Forward + backward over this rank's micro-batches; losses scaled so that the summed (and
-    DDP-averaged) gradient is that of the global batch mean."""
-    global_rows = cfg.micro_batch_size * cfg.grad_accum * world
+def train_step(model, micro_batches: list[list[dict]], beta: float, gamma: float, global_rows: int, world: int,
+               device: torch.device) -> dict:
+    """Forward + backward over this rank's micro-batches of rows (prompt ids, completion ids, weight,
+    log A); losses scaled so that the summed (and DDP-averaged) gradient is that of the mean over
+    the `global_rows` rows of the global batch."""
     totals = {"loss": 0.0, "forward": 0.0, "backward": 0.0, "anchor_kl": 0.0, "log_ratio": 0.0, "tokens": 0}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    for i, idx in enumerate(micro_batches):
-        input_ids, attention, labels, mask = _collate([rows[j] for j in idx], device)
-        weight = torch.tensor([rows[j]["weight"] for j in idx], device=device, dtype=torch.float32)
-        logp_anchor = torch.tensor([rows[j]["logp_anchor"] for j in idx], device=device, dtype=torch.float32)
+    for i, batch in enumerate(micro_batches):
+        input_ids, attention, labels, mask = collate(batch, device)
+        weight = torch.tensor([r["weight"] for r in batch], device=device, dtype=torch.float32)
+        logp_anchor = torch.tensor([r["logp_anchor"] for r in batch], device=device, dtype=torch.float32)
         sync = contextlib.nullcontext() if i == len(micro_batches) - 1 or world == 1 else model.no_sync()
         with sync:
-            with autocast:
+            with autocast(device):
                 logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]  # [B, T-1, V]
             logp_policy = sequence_logprobs(logits, labels, mask)  # [B]
-            terms = jeffreys_loss(logp_policy, logp_anchor, weight, cfg.beta, cfg.gamma)
-            scale = len(idx) / global_rows * world
+            terms = jeffreys_loss(logp_policy, logp_anchor, weight, beta, gamma)
+            scale = len(batch) / global_rows * world
             (terms["loss"] * scale).backward()
         for k in ("loss", "forward", "backward", "anchor_kl"):
-            totals[k] += float(terms[k].detach()) * len(idx) / global_rows * world
+            totals[k] += float(terms[k].detach()) * scale
         totals["log_ratio"] += float((logp_policy - logp_anchor).detach().sum()) / global_rows * world
         totals["tokens"] += int(mask.sum())
     return totals
 
 
-def _collate(batch: list[dict], device: torch.device):
-    """Right-padded [B, T] ids; labels are the next tokens; mask marks completion positions."""
-    seqs = [r["prompt"] + r["completion"] for r in batch]
-    width = max(map(len, seqs))
-    input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    attention = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width - 1)
-    for b, (r, s) in enumerate(zip(batch, seqs)):
-        input_ids[b, : len(s)] = torch.tensor(s)
-        attention[b, : len(s)] = 1
-        mask[b, len(r["prompt"]) - 1 : len(s) - 1] = 1  # position t predicts token t + 1
-    return input_ids.to(device), attention.to(device), input_ids[:, 1:].to(device), mask.to(device)
-
-
 # ---- logging, checkpoints, the anchor refresh -------------------------------------------------
-class _MetricsLog:
-    """JSONL of per-step metrics and a progress bar, on rank 0 only."""
-
-    def __init__(self, path: Path, rank: int, total: int, start: int):
-        self.rank = rank
-        if rank:
-            return
-        from rich.progress import Progress
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "a")
-        self.progress = Progress(transient=True)
-        self.progress.start()
-        self.task = self.progress.add_task("training", total=total, completed=start)
-
-    def write(self, step: int, metrics: dict, seconds: float, lr: float) -> None:
-        if self.rank:
-            return
-        record = {"step": step, "lr": lr, **metrics, "tokens_per_s": metrics["tokens"] / seconds}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        self.progress.update(self.task, advance=1, description=f"loss {metrics['loss']:.4f}")
-
-    def close(self) -> None:
-        if not self.rank:
-            self.progress.stop()
-            self.file.close()
-
-
 def _checkpoint(folder: Path, policy, tokenizer, opt, sched, ema, step: int, rank: int, world: int) -> None:
     if rank == 0:
         state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "ema": ema,

@@ -111,3 +111,14 @@ def test_ks_distance_matches_a_fine_grid_and_detects_the_wrong_n():
     brute = np.abs(emp - grid**4).max()
     assert bon.ks_distance_to_beta(q, 4) == pytest.approx(brute, abs=1e-3)
     assert bon.ks_distance_to_beta(q, 4) < 0.03 < 0.2 < bon.ks_distance_to_beta(q, 1)
+
+
+def test_ks_to_uniform_by_hand():  # Uniform(0, 1) = Beta(1, 1)
+    assert bon.ks_distance_to_beta([0.5], 1) == 0.5
+    assert bon.ks_distance_to_beta([0.25, 0.75], 1) == 0.25
+    assert bon.ks_distance_to_beta([0.0] * 10, 1) == 1.0
+    grid = [(i + 0.5) / 1000 for i in range(1000)]
+    assert bon.ks_distance_to_beta(grid, 1) == pytest.approx(0.0005)
+    assert bon.ks_distance_to_beta([x * 0.5 for x in grid], 1) == pytest.approx(0.5, abs=1e-3)
+    with pytest.raises(ValueError):
+        bon.ks_distance_to_beta([], 1)

@@ -7,10 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bond_data import generate
 from bond_data.prompts import PromptError, add_prompts, read_prompts
+from bond_data.files import file_sha256
 from bond_data.schema import prompt_id
-from bond_data.store import Store, file_sha256
+from bond_data.store import Store
 
 from testutil import write_jsonl
 
@@ -67,15 +67,3 @@ def test_unsupported_and_missing_inputs(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(PromptError, match="no prompts"):
         read_prompts(tmp_path / "empty.jsonl")
-
-
-def test_chat_prompts_are_rendered_with_the_chat_template(untrained_model):
-    from bond_data.hf_backend import TransformersBackend
-
-    backend = TransformersBackend(str(untrained_model), batch_size=4)
-    messages = [{"role": "user", "content": "sort: cab ="}]
-    job = generate.PromptJob("c", "user: sort: cab =", messages, [0], [1])
-    rendered = backend.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert backend.render(job) == backend.tokenizer(rendered, add_special_tokens=False)["input_ids"]
-    (comps,) = backend.generate([job], generate.Sampling(max_new_tokens=4))
-    assert len(comps) == 1 and comps[0].token_ids

@@ -14,7 +14,8 @@ import pytest
 from prefect.client.orchestration import get_client
 
 from bond_data.config import GenerateConfig, ScoreConfig
-from bond_data.store import Store, folder_sha256
+from bond_data.files import folder_sha256
+from bond_data.store import Store
 from flows.round import curate_round
 from flows.stages import run_generate, run_score
 
@@ -53,7 +54,7 @@ def test_dask_runner_on_a_two_worker_local_cluster(prefect_server, store):
         assert run_generate(str(store.root), cfg)["shards_generated"] == 5
         run_score(str(store.root), ScoreConfig(rm=REWARD, runner="dask", dask_address=cluster.scheduler_address))
         # the shards really ran in the worker processes: each loaded the model there
-        loaded = client.run(lambda: len(__import__("bond_data.generate").generate._BACKENDS))
+        loaded = client.run(lambda: len(__import__("bond_data.backends").backends._LOADED))
         assert len(loaded) == 2 and sum(loaded.values()) >= 1
     counts = store.query("SELECT count(*) c, count(DISTINCT candidate_id) d FROM candidates").to_pylist()
     assert counts == [{"c": 30, "d": 30}]
@@ -66,7 +67,7 @@ def test_generate_killed_mid_run_then_rerun_leaves_a_complete_pool(prefect_serve
     from bond_data.prompts import add_prompts
 
     add_prompts(store, write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"sort: {i:03d} ="} for i in range(40)]))
-    cmd = [sys.executable, "-m", "bond_data.cli", "generate", "--store", str(store.root), "--k", "4",
+    cmd = [sys.executable, "-m", "flows.cli", "generate", "--store", str(store.root), "--k", "4",
            "--shard-prompts", "1", "--max-new-tokens", "48", "--max-workers", "1", "--batch-size", "4"]
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

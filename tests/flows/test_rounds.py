@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from bond_data.config import BuildConfig, GenerateConfig, ScoreConfig, TrainConfig
+from bond_data.config import BuildConfig, GenerateConfig, ScoreConfig
+from trainer.config import TrainConfig
 from flows.round import bond_rounds, rounds_deployment
 from testutil import REWARD
 
@@ -40,7 +41,7 @@ def test_rounds_killed_mid_run_then_rerun_duplicate_nothing(prefect_server, stor
         f"score: {{rm: '{REWARD}'}}\n"
         "train: {micro_batch_size: 8, epochs: 2, checkpoint_every: 1, lr: 0.001}\n"
     )
-    cmd = [sys.executable, "-m", "bond_data.cli", "rounds", "--store", str(store.root), "--num", "2", "--n", "2",
+    cmd = [sys.executable, "-m", "flows.cli", "rounds", "--store", str(store.root), "--num", "2", "--n", "2",
            "--config", str(cfg)]
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

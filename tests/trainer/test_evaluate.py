@@ -125,10 +125,19 @@ def test_p_le_and_reward_match_a_naive_loop(pool, untrained_model, monkeypatch):
     assert m["reward"] == pytest.approx(sum(r for _, r in seen) / len(seen))
 
 
+class _SeedCapture:
+    """A stand-in backend that records the seeds it is asked to sample with."""
+
+    def generate(self, jobs, sampling):
+        self.seeds = [s for job in jobs for s in job.seeds]
+        return [[] for _ in jobs]
+
+
 def test_policy_samples_use_seeds_distinct_from_the_pool():
-    pool_seeds = {evaluate._seed("pool", 0, i, s) for i in range(5) for s in range(64)}
-    eval_seeds = {evaluate._seed("eval", 0, i, s) for i in range(5) for s in range(64)}
-    assert len(pool_seeds) == len(eval_seeds) == 5 * 64 and not pool_seeds & eval_seeds
+    pool, policy = _SeedCapture(), _SeedCapture()
+    evaluate._sample(pool, [f"p{i}" for i in range(5)], 64, 4, "pool", 0)
+    evaluate._sample(policy, [f"p{i}" for i in range(5)], 64, 4, "eval", 0)
+    assert len(set(pool.seeds)) == len(set(policy.seeds)) == 5 * 64 and not set(pool.seeds) & set(policy.seeds)
 
 
 def test_a_different_policy_has_positive_kl(pool, untrained_model, perturbed_model):

@@ -1,5 +1,8 @@
-"""Losses against naive loops, the backward gradient against an exact KL, and convergence to the
-exact Best-of-n distribution of a categorical policy with tied rewards for beta in {0, 0.5, 1}."""
+"""Losses against naive loops, the backward gradient against an exact KL, convergence to the exact
+Best-of-n distribution of a categorical policy with tied rewards for beta in {0, 0.5, 1}, and the
+online J-BOND surrogate (reward rule with ties, REINFORCE, the weighted sum of its terms)."""
+
+import math
 
 import numpy as np
 import pytest
@@ -117,3 +120,58 @@ def test_minimising_the_objective_converges_to_best_of_n(beta):
     target = exact_bon(ANCHOR.numpy(), REWARD, n)
     tv = 0.5 * np.abs(pi - target).sum()
     assert tv < 0.02, f"beta={beta}: TV {tv:.4f} between the trained policy {pi} and Best-of-{n} {target}"
+
+
+# ---- online J-BOND (paper Algorithm 2) -------------------------------------------------------
+def test_backward_reward_matches_a_naive_loop_with_ties():
+    g = torch.Generator().manual_seed(0)
+    r_pol, r_a1, r_a2 = (torch.randint(0, 3, (200,), generator=g).float() for _ in range(3))  # many ties
+    logp, logp_anchor = torch.randn(200, generator=g) * 3, torch.randn(200, generator=g) * 3
+    got = losses.jbond_backward_reward(r_pol, r_a1, r_a2, logp, logp_anchor)
+    for i in range(200):
+        below = r_pol[i] < r_a1[i] and r_pol[i] < r_a2[i]
+        want = (-math.log(16) if below else 0.0) - (logp[i] - logp_anchor[i])
+        assert abs(float(got[i]) - float(want)) < 1e-5
+    # the rule itself: strictly below the worse anchor sample; a tie with it is not penalised
+    rule = losses.jbond_backward_reward(torch.tensor([0.0, 1.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 2.0, 1.0]),
+                                        torch.tensor([2.0, 3.0, 1.0, 1.0]), torch.zeros(4), torch.zeros(4))
+    assert torch.allclose(rule, torch.tensor([-math.log(16), 0.0, 0.0, 0.0]))
+    assert not got.requires_grad and not losses.jbond_backward_reward(
+        r_pol, r_a1, r_a2, logp.requires_grad_(), logp_anchor).requires_grad  # a stop-gradient
+
+
+def test_best_of_two_prefers_the_first_on_ties():
+    first = losses.best_of_two(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 2.0, 1.0]))
+    assert first.tolist() == [False, True, True]
+
+
+def test_reinforce_surrogate_value_and_gradient_match_a_naive_loop():
+    g = torch.Generator().manual_seed(1)
+    reward, logp = torch.randn(7, generator=g), torch.randn(7, generator=g).requires_grad_()
+    loss = losses.reinforce_loss(reward, logp)
+    loss.backward()
+    mean = sum(float(r) for r in reward) / 7
+    naive = sum(-(float(r) - mean) * float(lp) for r, lp in zip(reward, logp.detach())) / 7
+    assert abs(float(loss.detach()) - naive) < 1e-5
+    for i in range(7):  # d/d logp_i = -(R_i - mean R) / B: the baseline is a constant, R too
+        assert abs(float(logp.grad[i]) + (float(reward[i]) - mean) / 7) < 1e-6
+
+
+@pytest.mark.parametrize("beta,gamma", [(0.5, 0.0), (0.0, 0.0), (1.0, 0.3), (0.3, 2.0)])
+def test_jbond_loss_gradient_is_the_weighted_sum_of_its_terms(beta, gamma):
+    g = torch.Generator().manual_seed(2)
+    best, pol = torch.randn(6, generator=g).requires_grad_(), torch.randn(6, generator=g).requires_grad_()
+    anc = torch.randn(6, generator=g)
+    r_pol, r_a1, r_a2 = (torch.randint(0, 3, (6,), generator=g).float() for _ in range(3))
+    terms = losses.jbond_loss(best, pol, anc, r_pol, r_a1, r_a2, beta, gamma)
+    terms["loss"].backward()
+    lr = (pol - anc).detach()
+    assert abs(float(terms["forward"]) + sum(float(x) for x in best.detach()) / 6) < 1e-6  # value, not only gradient
+    reward = [(-math.log(16) if r_pol[i] < min(r_a1[i], r_a2[i]) else 0.0) - float(lr[i]) for i in range(6)]
+    kl = [-float(lr[i]) for i in range(6)]
+    for i in range(6):
+        assert abs(float(best.grad[i]) + (1 - beta) / 6) < 1e-6  # forward: NLL of the Best-of-2 sample
+        want = -beta * (reward[i] - sum(reward) / 6) / 6 - gamma * (kl[i] - sum(kl) / 6) / 6
+        assert abs(float(pol.grad[i]) - want) < 1e-5
+    assert abs(float(terms["log_ratio"]) - float(lr.mean())) < 1e-6
+    assert abs(float(terms["below_both"]) - float((r_pol < torch.minimum(r_a1, r_a2)).float().mean())) < 1e-6

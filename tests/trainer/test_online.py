@@ -1,11 +1,10 @@
-"""Online J-BOND (trainer/online.py): the loss pieces against naive loops, the EMA anchor, the
-checkpoints, and a learning check on a reward an untrained model can climb in a few dozen steps."""
+"""Online J-BOND (trainer/online.py): the EMA anchor, the checkpoints, and a learning check on a
+reward an untrained model can climb in a few dozen steps. Its loss is tested in test_losses.py."""
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 
 import pytest
 import torch
@@ -13,10 +12,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from bond_data.score import RewardError
-from trainer import online
-from trainer.anchor import ema_update
+from trainer.anchor import ema_state, ema_update
 from trainer.checkpoints import is_complete
-from trainer.online import OnlineConfig, train_online
+from trainer.config import OnlineConfig
+from trainer.online import train_online
 
 PROMPTS = [f"sort: {w} =" for w in ["dbca", "zyx", "hello", "qwerty", "mno", "pqrs", "abc", "edcba", "kite", "lamp"]]
 
@@ -29,65 +28,11 @@ def lowercase(batch):
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """The tiny model runs ~3x faster on one thread when the CPU is shared (see tiny_task._build_into)."""
+    """The tiny model runs ~3x faster on one thread when the CPU is shared (see tasks/common.build_into)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-# ---- the pure math ---------------------------------------------------------------------------
-def test_backward_reward_matches_a_naive_loop_with_ties():
-    g = torch.Generator().manual_seed(0)
-    r_pol, r_a1, r_a2 = (torch.randint(0, 3, (200,), generator=g).float() for _ in range(3))  # many ties
-    logp, logp_anchor = torch.randn(200, generator=g) * 3, torch.randn(200, generator=g) * 3
-    got = online.jbond_backward_reward(r_pol, r_a1, r_a2, logp, logp_anchor)
-    for i in range(200):
-        below = r_pol[i] < r_a1[i] and r_pol[i] < r_a2[i]
-        want = (-math.log(16) if below else 0.0) - (logp[i] - logp_anchor[i])
-        assert abs(float(got[i]) - float(want)) < 1e-5
-    # the rule itself: strictly below the worse anchor sample; a tie with it is not penalised
-    rule = online.jbond_backward_reward(torch.tensor([0.0, 1.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 2.0, 1.0]),
-                                        torch.tensor([2.0, 3.0, 1.0, 1.0]), torch.zeros(4), torch.zeros(4))
-    assert torch.allclose(rule, torch.tensor([-math.log(16), 0.0, 0.0, 0.0]))
-    assert not got.requires_grad and not online.jbond_backward_reward(
-        r_pol, r_a1, r_a2, logp.requires_grad_(), logp_anchor).requires_grad  # a stop-gradient
-
-
-def test_best_of_two_prefers_the_first_on_ties():
-    first = online.best_of_two(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 2.0, 1.0]))
-    assert first.tolist() == [False, True, True]
-
-
-def test_reinforce_surrogate_value_and_gradient_match_a_naive_loop():
-    g = torch.Generator().manual_seed(1)
-    reward, logp = torch.randn(7, generator=g), torch.randn(7, generator=g).requires_grad_()
-    loss = online.reinforce_loss(reward, logp)
-    loss.backward()
-    mean = sum(float(r) for r in reward) / 7
-    naive = sum(-(float(r) - mean) * float(lp) for r, lp in zip(reward, logp.detach())) / 7
-    assert abs(float(loss.detach()) - naive) < 1e-5
-    for i in range(7):  # d/d logp_i = -(R_i - mean R) / B: the baseline is a constant, R too
-        assert abs(float(logp.grad[i]) + (float(reward[i]) - mean) / 7) < 1e-6
-
-
-@pytest.mark.parametrize("beta,gamma", [(0.5, 0.0), (0.0, 0.0), (1.0, 0.3), (0.3, 2.0)])
-def test_jbond_loss_gradient_is_the_weighted_sum_of_its_terms(beta, gamma):
-    g = torch.Generator().manual_seed(2)
-    best, pol = torch.randn(6, generator=g).requires_grad_(), torch.randn(6, generator=g).requires_grad_()
-    anc = torch.randn(6, generator=g)
-    r_pol, r_a1, r_a2 = (torch.randint(0, 3, (6,), generator=g).float() for _ in range(3))
-    terms = online.jbond_loss(best, pol, anc, r_pol, r_a1, r_a2, beta, gamma)
-    terms["loss"].backward()
-    lr = (pol - anc).detach()
-    reward = [(-math.log(16) if r_pol[i] < min(r_a1[i], r_a2[i]) else 0.0) - float(lr[i]) for i in range(6)]
-    kl = [-float(lr[i]) for i in range(6)]
-    for i in range(6):
-        assert abs(float(best.grad[i]) + (1 - beta) / 6) < 1e-6  # forward: NLL of the Best-of-2 sample
-        want = -beta * (reward[i] - sum(reward) / 6) / 6 - gamma * (kl[i] - sum(kl) / 6) / 6
-        assert abs(float(pol.grad[i]) - want) < 1e-5
-    assert abs(float(terms["log_ratio"]) - float(lr.mean())) < 1e-6
-    assert abs(float(terms["below_both"]) - float((r_pol < torch.minimum(r_a1, r_a2)).float().mean())) < 1e-6
 
 
 def test_ema_moves_tied_weights_once(untrained_model):
@@ -97,15 +42,9 @@ def test_ema_moves_tied_weights_once(untrained_model):
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(1.0)
-    ema_update(online._unaliased_state(anchor), policy.state_dict(), 0.5)
+    ema_update(ema_state(anchor), policy.state_dict(), 0.5)
     assert anchor.lm_head.weight is anchor.model.embed_tokens.weight  # still tied
     assert torch.allclose(anchor.lm_head.weight, start + 0.5)  # not 0.75: one lerp, not two
-
-
-def test_sample_seeds_are_distinct():
-    seeds = {online.sample_seed(0, step, slot, slot % 3, role, s)
-             for step in range(5) for slot in range(6) for role in ("policy", "anchor") for s in range(2)}
-    assert len(seeds) == 5 * 6 * 2 * 2 and all(0 <= s < 2**63 for s in seeds)
 
 
 # ---- the trainer -----------------------------------------------------------------------------

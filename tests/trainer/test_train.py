@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from bond_data import build
-from bond_data.config import TrainConfig
+from trainer.config import TrainConfig
 from testutil import run_generation, run_scoring
 from trainer import train as train_mod
 from trainer.checkpoints import is_complete
@@ -78,7 +78,7 @@ def test_an_interrupted_run_resumes_to_the_same_parameters(round0, tmp_path, mon
     train_mod.train(str(reference), cfg())
     expected = weights(reference / "anchors" / "round=1")
 
-    real_step, calls = train_mod._train_step, {"n": 0}
+    real_step, calls = train_mod.train_step, {"n": 0}
 
     def crash_on_fifth(*args, **kw):
         calls["n"] += 1
@@ -86,11 +86,11 @@ def test_an_interrupted_run_resumes_to_the_same_parameters(round0, tmp_path, mon
             raise KeyboardInterrupt("simulated crash")
         return real_step(*args, **kw)
 
-    monkeypatch.setattr(train_mod, "_train_step", crash_on_fifth)
+    monkeypatch.setattr(train_mod, "train_step", crash_on_fifth)
     with pytest.raises(KeyboardInterrupt):
         train_mod.train(str(round0.root), cfg())
     assert round0.anchor(1) is None  # nothing half-registered
-    monkeypatch.setattr(train_mod, "_train_step", real_step)
+    monkeypatch.setattr(train_mod, "train_step", real_step)
     train_mod.train(str(round0.root), cfg())
     steps = [m["step"] for m in metrics(round0)]
     assert steps == [1, 2, 3, 4] + list(range(5, 11))  # resumed from the step-4 checkpoint

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from bond_data.generate import Completion, PromptJob, Sampling
+from bond_data.backends.base import Completion, PromptJob, Sampling
+from bond_data.device import resolve_device
 
 _MASK64 = (1 << 64) - 1
 
@@ -105,21 +106,27 @@ def prompt_token_ids(tokenizer, prompt: str, messages: list[dict] | None) -> lis
 
 
 class TransformersBackend:
+    """Seeded, batched sampling from a causal LM in memory (`from_pretrained` loads a folder)."""
+
     name = "transformers"
 
-    def __init__(self, model_dir: str, batch_size: int = 64, device: str | None = None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    def __init__(self, model, tokenizer, device: torch.device, batch_size: int = 64):
+        self.model, self.tokenizer, self.device, self.batch_size = model, tokenizer, device, batch_size
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
         # Sampling is ours (SeededGumbelSampler): drop the checkpoint's sampling defaults, which
-        # generate() would otherwise merge into our greedy config.
+        # generate() would otherwise merge into our greedy config. A caller that saves the model
+        # later restores its own (trainer.online does).
         self.model.generation_config = GenerationConfig(
             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
-        self.batch_size = batch_size
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, batch_size: int = 64, device: str | None = None) -> TransformersBackend:
+        dev = resolve_device(device)
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(dev).eval()
+        return cls(model, AutoTokenizer.from_pretrained(model_dir), dev, batch_size)
 
     def render(self, job: PromptJob) -> list[int]:
         return prompt_token_ids(self.tokenizer, job.prompt, job.messages)

@@ -1,16 +1,20 @@
-"""`bond`: the command line. Every subcommand is a thin call into bond_data / flows.
+"""`bond`: the command line, the top of the layers (it imports bond_data, trainer and flows).
+Every subcommand parses its flags into a config, then makes one call into a flow or a component.
 
-    bond demo      [--store DIR]                       the built-in tiny task, one curated round
+    bond demo      [--store DIR] [--rounds 3 --k 8 --n 2]   the tiny task: iterative BOND, a table, a plot
     bond init      --store DIR --anchor MODEL_DIR      register round 0's anchor (the generator)
     bond prompts add --store DIR FILE                  JSONL, Parquet or a save_to_disk folder
     bond generate  --store DIR [--round R] [--k K]     Prefect flow, a task per shard
     bond score     --store DIR [--round R] [--rm SPEC] [--rm-id ID]
-    bond build     --store DIR [--round R] --n N [--rm ID]
+    bond build     --store DIR [--round R] --n N [--rm-id ID]
     bond sql       --store DIR "QUERY" [--format table|csv|json]
     bond train     --store DIR --round R [--beta B --eta E ...]   (torchrun: python -m trainer.train)
     bond train-online --policy DIR --prompts FILE --out DIR [--rm SPEC --steps S ...]   online J-BOND
     bond rounds    --store DIR --num M [--n 2 --k 8 ...]          iterative BOND, resumable
     bond serve     --store DIR --cron "0 3 * * *" --num M         the rounds flow on a schedule
+
+Flags come from the configs' fields (`--help` shows each one's description and default); one
+meaning per flag everywhere: `--rm` is a reward-model spec, `--rm-id` its id in the store.
 """
 
 from __future__ import annotations
@@ -21,27 +25,22 @@ import sys
 from pathlib import Path
 
 import flows  # noqa: F401  (sets Prefect's environment defaults before Prefect is imported)
-from bond_data.config import BuildConfig, GenerateConfig, ScoreConfig, TrainConfig, add_config_flags
+from bond_data.config import BuildConfig, GenerateConfig, ScoreConfig, add_config_flags
+from bond_data.tasks.tiny import REWARD_SPEC as TINY_REWARD
+from trainer.config import TINY_TRAIN, OnlineConfig, TrainConfig
 
-TINY_REWARD = "bond_data.tiny_task:reward"
-
-
-def _runner_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--runner", choices=["thread", "dask"], help="shard fan-out (default thread)")
-    p.add_argument("--dask-address", help="scheduler address of an existing Dask cluster")
-    p.add_argument("--dask-workers", type=int, help="LocalCluster workers when no address is given")
-    p.add_argument("--max-workers", type=int, help="thread pool size")
+RM_HELP = f"reward model: a sequence-classification folder or module:function (default {TINY_REWARD})"
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bond", description="BOND: Best-of-N distillation pipeline")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="the tiny task: 3 rounds of Best-of-2 distillation, a table and a plot")
+    p = sub.add_parser("demo", help="the tiny task: rounds of Best-of-n distillation, a table and a plot")
     p.add_argument("--store", default="demo-store")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--k", type=int, default=8)
-    p.add_argument("--n", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of iterative BOND (default 3)")
+    p.add_argument("--k", type=int, default=8, help="samples per prompt (default 8)")
+    p.add_argument("--n", type=int, default=2, help="Best-of-n per round (default 2)")
 
     p = sub.add_parser("init", help="register the anchor (generator) of a round")
     p.add_argument("--store", required=True)
@@ -54,47 +53,25 @@ def _parser() -> argparse.ArgumentParser:
     pa.add_argument("--store", required=True)
     pa.add_argument("file")
 
-    p = sub.add_parser("generate", help="sample k candidates per prompt from the round's anchor")
-    p.add_argument("--store", required=True)
-    p.add_argument("--config", help="YAML file with GenerateConfig keys")
-    for flag, typ in [("round", int), ("k", int), ("temperature", float), ("top-p", float),
-                      ("max-new-tokens", int), ("batch-size", int), ("shard-prompts", int), ("device", str)]:
-        p.add_argument(f"--{flag}", type=typ)
-    p.add_argument("--backend", choices=["transformers", "vllm"])
-    _runner_flags(p)
-
-    p = sub.add_parser("score", help="score a round's candidates with a reward model")
-    p.add_argument("--store", required=True)
-    p.add_argument("--config", help="YAML file with ScoreConfig keys")
-    p.add_argument("--round", type=int)
-    p.add_argument("--rm", help=f"sequence-classification folder or module:function (default {TINY_REWARD})")
-    p.add_argument("--rm-id", help="id of the reward model in the store (default: its name)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--device")
-    _runner_flags(p)
-
-    p = sub.add_parser("build", help="write the round's Best-of-N weighted distillation dataset")
-    p.add_argument("--store", required=True)
-    p.add_argument("--config", help="YAML file with BuildConfig keys")
-    p.add_argument("--round", type=int)
-    p.add_argument("--n", type=int)
-    p.add_argument("--rm", "--rm-id", dest="rm_id", help="reward model id (needed if the round has several)")
-
-    p = sub.add_parser("train", help="train on a round's dataset and register the next anchor")
-    p.add_argument("--store", required=True)
-    p.add_argument("--config", help="YAML file with TrainConfig keys")
-    add_config_flags(p, TrainConfig)
+    for name, cls, text in (("generate", GenerateConfig, "sample k candidates per prompt from the round's anchor"),
+                            ("score", ScoreConfig, "score a round's candidates with a reward model"),
+                            ("build", BuildConfig, "write the round's Best-of-N weighted distillation dataset"),
+                            ("train", TrainConfig, "train on a round's dataset and register the next anchor")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--store", required=True)
+        p.add_argument("--config", help=f"YAML file with {cls.__name__} keys (flags override it)")
+        add_config_flags(p, cls, skip=("rm",))
+        if cls is ScoreConfig:
+            p.add_argument("--rm", help=RM_HELP)
 
     p = sub.add_parser("train-online", help="online J-BOND (paper Algorithm 2): fresh samples, EMA anchor")
     p.add_argument("--policy", required=True, help="starting policy and anchor (a transformers folder)")
     p.add_argument("--prompts", required=True, help="a JSONL, Parquet or save_to_disk prompts file")
-    p.add_argument("--out", required=True, help="folder for the trained policy (the EMA anchor in OUT/anchor, metrics in OUT-metrics.jsonl)")
-    p.add_argument("--rm", default=TINY_REWARD, help=f"reward model (default {TINY_REWARD})")
-    p.add_argument("--config", help="YAML file with OnlineConfig keys")
-    for name in ("beta", "eta", "gamma", "lr"):
-        p.add_argument(f"--{name}", type=float)
-    for name in ("steps", "prompts-per-step", "max-new-tokens", "seed"):
-        p.add_argument(f"--{name}", type=int)
+    p.add_argument("--out", required=True,
+                   help="folder for the trained policy (the EMA anchor in OUT/anchor, metrics in OUT-metrics.jsonl)")
+    p.add_argument("--rm", default=TINY_REWARD, help=RM_HELP)
+    p.add_argument("--config", help="YAML file with OnlineConfig keys (flags override it)")
+    add_config_flags(p, OnlineConfig)
 
     for cmd in ("rounds", "serve"):
         p = sub.add_parser(cmd, help="iterative BOND: generate, score, build, train, M rounds" if cmd == "rounds"
@@ -104,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML with sections generate, score, build, train")
         p.add_argument("--n", type=int, help="Best-of-n per round (build.n)")
         p.add_argument("--k", type=int, help="samples per prompt (generate.k)")
-        p.add_argument("--rm", help=f"reward model (score.rm, default {TINY_REWARD})")
+        p.add_argument("--rm", help=f"{RM_HELP} (score.rm)")
         if cmd == "serve":
             p.add_argument("--cron", required=True, help='e.g. "0 3 * * *"')
             p.add_argument("--name", default="bond-rounds")
@@ -116,15 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _fields(args: argparse.Namespace, cls) -> dict:
-    return {k: v for k, v in vars(args).items() if k in cls.model_fields and v is not None}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from bond_data.errors import StoreError
     from bond_data.prompts import PromptError
     from bond_data.score import RewardError
-    from bond_data.store import StoreError
 
     try:
         return COMMANDS[args.command](args) or 0
@@ -134,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_init(args) -> None:
-    from bond_data.store import Store, folder_sha256
+    from bond_data.files import folder_sha256
+    from bond_data.store import Store
 
     anchor = Path(args.anchor).resolve()
     Store(args.store).register_anchor(args.round, str(anchor), folder_sha256(anchor), config={"source": "bond init"})
@@ -152,35 +126,33 @@ def cmd_prompts(args) -> None:
 def cmd_generate(args) -> None:
     from flows.stages import run_generate
 
-    print(json.dumps(run_generate(args.store, GenerateConfig.load(args.config, **_fields(args, GenerateConfig)))))
+    print(json.dumps(run_generate(args.store, GenerateConfig.from_flags(args))))
 
 
 def cmd_score(args) -> None:
     from flows.stages import run_score
 
-    cfg = ScoreConfig.load(args.config, **{"rm": TINY_REWARD, **_fields(args, ScoreConfig)})
-    print(json.dumps(run_score(args.store, cfg)))
+    print(json.dumps(run_score(args.store, ScoreConfig.from_flags(args, defaults={"rm": TINY_REWARD}))))
 
 
 def cmd_build(args) -> None:
     from flows.stages import run_build
 
-    record = run_build(args.store, BuildConfig.load(args.config, **_fields(args, BuildConfig)))
+    record = run_build(args.store, BuildConfig.from_flags(args))
     print_summary(record, args.store)
 
 
 def cmd_train(args) -> None:
     from trainer.train import train
 
-    cfg = TrainConfig.load(args.config, **_fields(args, TrainConfig))
-    print(json.dumps(train(args.store, cfg), default=str))
+    print(json.dumps(train(args.store, TrainConfig.from_flags(args)), default=str))
 
 
 def cmd_train_online(args) -> None:
     from bond_data.prompts import read_prompts
-    from trainer.online import OnlineConfig, train_online
+    from trainer.online import train_online
 
-    cfg = OnlineConfig.load(args.config, **_fields(args, OnlineConfig))
+    cfg = OnlineConfig.from_flags(args)
     prompts = read_prompts(args.prompts).column("prompt").to_pylist()
     # metrics beside the output: the checkpoint folder itself is replaced whole when saved
     metrics = Path(f"{Path(args.out)}-metrics.jsonl")
@@ -263,9 +235,10 @@ def print_summary(record: dict, store: str) -> None:
 
 def cmd_demo(args) -> None:
     """Iterative BOND on the tiny task, then each round's anchor evaluated against pi_0."""
+    from bond_data.files import folder_sha256
     from bond_data.prompts import add_prompts
-    from bond_data.store import Store, folder_sha256
-    from bond_data.tiny_task import ensure_tiny_task
+    from bond_data.store import Store
+    from bond_data.tasks.tiny import ensure_tiny_task
     from flows.round import bond_rounds
     from trainer import evaluate
 
@@ -275,7 +248,7 @@ def cmd_demo(args) -> None:
     add_prompts(store, task.prompts_file)
     bond_rounds(str(store.root), args.rounds, generate=GenerateConfig(k=args.k, max_new_tokens=16).model_dump(),
                 score=ScoreConfig(rm=task.reward).model_dump(), build=BuildConfig(n=args.n).model_dump(),
-                train=DEMO_TRAIN.model_dump())
+                train=TrainConfig.load(TINY_TRAIN).model_dump())
     pool = evaluate.ensure_eval_pool(store.root / "eval", str(task.model_dir), str(task.eval_prompts_file), task.reward)
     rows = []
     for t in range(args.rounds + 1):
@@ -286,11 +259,6 @@ def cmd_demo(args) -> None:
     print(f"plot: {png}")
     print(f'try: bond sql --store {args.store} "SELECT round, avg(reward) AS one_sample, '
           f'avg(bon_weight * reward) AS best_of_{args.n} FROM bon_pool({args.n}) GROUP BY round ORDER BY round"')
-
-
-# Tuned on the tiny task: enough steps per round to move the policy towards its Best-of-2.
-DEMO_TRAIN = TrainConfig(beta=0.5, eta=0.0, lr=1e-3, epochs=4, micro_batch_size=32, warmup_steps=4,
-                         checkpoint_every=1000)
 
 
 def print_rounds(rows: list[dict], n: int) -> None:

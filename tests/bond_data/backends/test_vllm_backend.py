@@ -7,8 +7,9 @@ from types import SimpleNamespace as NS
 
 import pytest
 
-from bond_data.generate import PromptJob, Sampling, candidate_table
-from bond_data.vllm_backend import to_completions
+from bond_data.backends.base import PromptJob, Sampling
+from bond_data.backends.vllm import to_completions
+from bond_data.generate import candidate_table
 
 
 def fake_output(request_id, samples):
@@ -64,7 +65,7 @@ def _has_cuda_vllm() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_cuda_vllm(), reason="vLLM runs only on a CUDA GPU with vllm installed")
 def test_vllm_backend_on_the_tiny_model(untrained_model):
-    from bond_data.vllm_backend import VLLMBackend
+    from bond_data.backends.vllm import VLLMBackend
 
     backend = VLLMBackend(str(untrained_model), gpu_memory_utilization=0.3, enforce_eager=True)
     jobs = [PromptJob("a", "sort: dcba =", None, [0, 1, 2, 3], [5, 6, 7, 8])]

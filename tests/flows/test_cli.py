@@ -1,7 +1,7 @@
 """The CLI's error paths: a clear message, exit code 2, nothing changed."""
 
-from bond_data.cli import main
-from bond_data.store import file_sha256
+from flows.cli import main
+from bond_data.files import file_sha256
 
 
 def test_sql_refuses_a_write_with_exit_code_2(store, capsys):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from bond_data.generate import Completion, PromptJob, Sampling
+from bond_data.backends.base import Completion, PromptJob, Sampling
 
 
 def sampling_params(job: PromptJob, sampling: Sampling):

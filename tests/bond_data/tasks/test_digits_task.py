@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from bond_data import digits_task as dt
-from bond_data import tiny_task as tt
+from bond_data.bon import ks_distance_to_beta
+from bond_data.tasks import common
+from bond_data.tasks import digits as dt
+from bond_data.tasks import tiny as tt
 
 # ----------------------------------------------------------------------------- reward
 
@@ -57,19 +59,8 @@ def test_corpus_rewards_are_uniform_and_well_formed():
     examples = [dt.corpus_example(rng) for _ in range(4000)]
     assert all(p.startswith("digits ") and p.endswith(":") and dt.is_well_formed(c) for p, c in examples)
     scores = dt.reward(examples)
-    assert dt.ks_uniform(scores) < 0.03  # 5 % critical value for 4000 samples: 0.0215
+    assert ks_distance_to_beta(scores, 1) < 0.03  # 5 % critical value for 4000 samples: 0.0215
     assert abs(sum(scores) / len(scores) - 0.5) < 0.02
-
-
-def test_ks_uniform_by_hand():
-    assert dt.ks_uniform([0.5]) == 0.5
-    assert dt.ks_uniform([0.25, 0.75]) == 0.25
-    assert dt.ks_uniform([0.0] * 10) == 1.0
-    grid = [(i + 0.5) / 1000 for i in range(1000)]
-    assert dt.ks_uniform(grid) == pytest.approx(0.0005)
-    assert dt.ks_uniform([x * 0.5 for x in grid]) == pytest.approx(0.5, abs=1e-3)
-    with pytest.raises(ValueError):
-        dt.ks_uniform([])
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -90,13 +81,13 @@ def test_shipped_prompt_files_match_the_recipe_and_do_not_overlap(tmp_path):
 
 
 def test_prompts_render_unchanged_through_the_chat_template():
-    tok = tt.build_tokenizer()
+    tok = common.build_tokenizer()
     messages = [{"role": "user", "content": "digits 3f9a:"}]
     assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == "digits 3f9a:"
 
 
 def test_pretraining_batches_mask_the_prompt():
-    tok = tt.build_tokenizer()
+    tok = common.build_tokenizer()
     rng = random.Random(0)
     ids, labels = dt._batch(tok, [dt.corpus_example(rng) for _ in range(3)])
     assert ids.shape == labels.shape == (3, len("digits 3f9a:") + 1 + dt.N_DIGITS + 1)
@@ -109,16 +100,16 @@ def test_pretraining_batches_mask_the_prompt():
 
 
 def _fake_build(folder: Path, seed: int, quiet: bool) -> None:
-    tt.save_untrained_model(folder / "model", seed)
+    common.save_untrained_model(folder / "model", seed)
     (folder / dt.MARKER).write_text(json.dumps({"fake": True}))
 
 
 def test_ensure_renames_into_place_and_reuses(tmp_path, monkeypatch):
     monkeypatch.setattr(dt, "_build_into", _fake_build)
     task = dt.ensure_digits_task(tmp_path, quiet=True)
-    assert isinstance(task, tt.TinyTask)
+    assert isinstance(task, common.Task)
     assert task.model_dir == tmp_path / f"digits-task-{dt.TASK_VERSION}" / "model"
-    assert task.reward == dt.REWARD_SPEC == "bond_data.digits_task:reward"
+    assert task.reward == dt.REWARD_SPEC == "bond_data.tasks.digits:reward"
     assert task.prompts_file == dt.PROMPTS_FILE and task.eval_prompts_file == dt.EVAL_PROMPTS_FILE
     assert [p.name for p in tmp_path.iterdir()] == [task.model_dir.parent.name]  # no temp left over
 
@@ -156,11 +147,11 @@ def test_sample_stats_on_an_untrained_model(untrained_model):
     tok = AutoTokenizer.from_pretrained(untrained_model)
     prompts = ["digits 0001:", "digits 1:", "digits ab:"]  # mixed lengths: left padding
     for chunk in (1, 2, 64):
-        pools = dt.sample_completions(model, tok, prompts, n=3, max_new_tokens=4, chunk=chunk)
+        pools = common.sample_completions(model, tok, prompts, n=3, max_new_tokens=4, chunk=chunk)
         assert [len(p) for p in pools] == [3, 3, 3]
     stats = dt.sample_stats(model, tok, prompts, n=4, max_new_tokens=4)
     assert set(stats) == {"mean_one", "mean_best", "well_formed", "distinct", "tied_pair_rate",
-                          "best_tied_rate", "ks_uniform"}
+                          "all_tied_rate", "best_tied_rate", "ks_uniform"}
     assert stats["well_formed"] == 0.0  # 4 tokens cannot hold " " + 10 digits
 
 

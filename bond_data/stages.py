@@ -1,0 +1,87 @@
+"""One implementation of each data stage of a round: generate, score, build.
+
+A stage is: checks and planning on the driver (here), one function per shard that a worker runs
+(`generate.generate_shard`, `score.score_shard`: they only write Parquet and return a manifest),
+and the registration of each finished shard in the catalog as it arrives (only the driver writes
+the catalog). `run_shards` is the executor: by default the shards run one after another in this
+process (notebooks, benchmarks, tests); the Prefect flows (flows/stages.py) pass one that submits
+each shard as a task (a thread pool or Dask) and yields manifests as they complete. The anchor
+check, the orphan cleanup, the planning and the registration are this same code on both paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from bond_data import build, generate, score
+from bond_data.backends.base import Sampling
+from bond_data.store import Store, StoreError
+
+# run_shards(fn, calls) runs fn(*args) for each args in calls and yields the manifests, in any order
+ShardRunner = Callable[[Callable[..., dict], list[tuple]], Iterable[dict]]
+
+
+def run_serially(fn: Callable[..., dict], calls: list[tuple]) -> Iterable[dict]:
+    for args in calls:
+        yield fn(*args)
+
+
+def register_as_completed(store: Store, manifests: Iterable[dict]) -> int:
+    """Register each shard the moment it is written: a crash later loses none of them."""
+    done = 0
+    for manifest in manifests:
+        store.register_shards([manifest])
+        done += 1
+    return done
+
+
+# ---- generate ----------------------------------------------------------------------------------
+def plan_generate(store: Store, round_: int, k: int, shard_prompts: int) -> tuple[dict, list[dict]]:
+    """The round's anchor and the shards still missing, after deleting a killed run's orphans."""
+    anchor = store.anchor(round_)
+    if anchor is None:
+        raise StoreError(f"round {round_} has no registered anchor: run `bond init --anchor DIR` first")
+    store.remove_orphans(f"candidates/round={round_}")
+    return anchor, generate.plan_generation(store, round_, k, shard_prompts)
+
+
+def generate_round(store: Store, round_: int, k: int, sampling: Sampling, shard_prompts: int = 32,
+                   backend: str = "transformers", batch_size: int = 64, device: str | None = None,
+                   run_shards: ShardRunner = run_serially) -> dict:
+    """Sample the round's missing candidates (k per prompt) from its registered anchor."""
+    anchor, plans = plan_generate(store, round_, k, shard_prompts)
+    calls = [(str(store.root), plan, anchor, backend, sampling, batch_size, device) for plan in plans]
+    done = register_as_completed(store, run_shards(generate.generate_shard, calls))
+    return {"round": round_, "k": k, "shards_generated": done}
+
+
+# ---- score -------------------------------------------------------------------------------------
+def plan_score(store: Store, round_: int, spec: str, rm_id: str | None) -> tuple[str, list[dict], list[str]]:
+    """(rm_id, the round's candidates shards it has not scored, the prompt files to read)."""
+    rid, rhash = score.describe_reward_model(spec, rm_id)
+    store.register_reward_model(rid, rhash, spec)
+    store.remove_orphans(f"scores/round={round_}/rm={rid}")
+    prompt_files = [m["path"] for m in store.registered_shards("prompts")]
+    return rid, score.plan_scoring(store, round_, rid), prompt_files
+
+
+def score_round(store: Store, round_: int, spec: str, rm_id: str | None = None, batch_size: int = 32,
+                device: str | None = None, run_shards: ShardRunner = run_serially) -> dict:
+    """Score the round's unscored candidates shards with one reward model."""
+    rid, todo, prompt_files = plan_score(store, round_, spec, rm_id)
+    calls = [(str(store.root), m, prompt_files, spec, rid, batch_size, device) for m in todo]
+    done = register_as_completed(store, run_shards(score.score_shard, calls))
+    return {"round": round_, "rm_id": rid, "shards_scored": done}
+
+
+# ---- build -------------------------------------------------------------------------------------
+def build_round(store: Store, round_: int, n: int, rm_id: str | None = None) -> dict:
+    """Write (or find) the round's Best-of-n weighted dataset; its catalog record and summary."""
+    return build.build_dataset(store, round_, n, rm_id)
+
+
+def curate_round(store: Store, round_: int, k: int, reward: str, n: int, max_new_tokens: int = 16) -> dict:
+    """generate -> score -> build in this process, with default settings; the dataset's record."""
+    generate_round(store, round_, k, Sampling(max_new_tokens=max_new_tokens))
+    rm_id = score_round(store, round_, reward)["rm_id"]
+    return build_round(store, round_, n, rm_id)

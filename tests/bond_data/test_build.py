@@ -1,0 +1,44 @@
+"""Datasets: the built weights against a naive loop, loading with `datasets`, reward-model choice."""
+
+from __future__ import annotations
+
+import pytest
+
+from bond_data import build
+from bond_data.store import StoreError
+
+from testutil import REWARD, run_generation, run_scoring
+
+
+def test_built_dataset_matches_brute_force_and_loads_with_datasets(store):
+    import datasets
+
+    run_generation(store, k=6)
+    rm_id = run_scoring(store)
+    record = build.build_dataset(store, 0, n=4)
+    assert record["rm_id"] == rm_id and not record["reused"]
+    path = store.root / record["path"]
+    ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    assert len(ds) == 60
+    for col in ["prompt_id", "candidate_id", "prompt", "completion", "reward", "p_lt", "p_le",
+                "bon_weight", "anchor_logprob", "round"]:
+        assert col in ds.column_names
+    rows = ds.to_list()
+    for r in rows:  # naive loop over each pool
+        pool = [o["reward"] for o in rows if o["prompt_id"] == r["prompt_id"]]
+        lt = sum(x < r["reward"] for x in pool) / len(pool)
+        le = sum(x <= r["reward"] for x in pool) / len(pool)
+        assert r["bon_weight"] == pytest.approx(sum(le ** (4 - i) * lt ** (i - 1) for i in range(1, 5)))
+    assert (path.parent / "README.md").read_text().count("Best-of-4") >= 1
+    assert build.build_dataset(store, 0, n=4)["reused"]
+
+
+def test_several_reward_models_need_an_explicit_id(store):
+    run_generation(store, k=2)
+    run_scoring(store, REWARD)
+    run_scoring(store, "rewards_for_tests:length")
+    with pytest.raises(StoreError, match="several reward models"):
+        build.build_dataset(store, 0, n=2)
+    assert build.build_dataset(store, 0, n=2, rm_id="length")["rm_id"] == "length"
+    hashes = store.query("SELECT DISTINCT rm_id, rm_hash FROM scores").to_pylist()
+    assert len(hashes) == 2 and all(len(h["rm_hash"]) == 64 for h in hashes)

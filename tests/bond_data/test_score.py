@@ -1,0 +1,46 @@
+"""Scoring: callables and sequence-classification reward models, non-finite rewards, input order."""
+
+from __future__ import annotations
+
+import pytest
+
+from bond_data import score
+
+from testutil import run_generation, run_scoring
+
+
+def test_a_nan_reward_names_the_candidate_and_writes_nothing(store):
+    run_generation(store, k=3)
+    with pytest.raises(score.RewardError, match=r"nan for candidate [0-9a-f]{16}"):
+        run_scoring(store, "rewards_for_tests:nan_on_third")
+    assert not (store.root / "scores").exists() or not list((store.root / "scores").rglob("*.parquet"))
+    assert store.registered_shards("scores") == []
+
+
+def test_sequence_classification_reward_model(store, tmp_path):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(store.anchor(0)["anchor_path"])
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    rm_dir = tmp_path / "rm"
+    LlamaForSequenceClassification(cfg).save_pretrained(rm_dir)
+    tok.save_pretrained(rm_dir)
+    run_generation(store, k=2)
+    rm_id = run_scoring(store, str(rm_dir))
+    rewards = store.query("SELECT reward FROM scores WHERE rm_id = ?", [rm_id]).column("reward").to_pylist()
+    assert rm_id == "rm" and len(rewards) == 20 and len(set(rewards)) > 5
+
+
+def test_length_sorted_scoring_keeps_input_order():
+    pairs = [("p", "x" * n) for n in [5, 1, 9, 3, 7, 2]]
+    calls = []
+
+    def fn(batch):
+        calls.append([len(c) for _, c in batch])
+        return [float(len(c)) for _, c in batch]
+
+    assert score.score_pairs(fn, pairs, batch_size=2) == [5, 1, 9, 3, 7, 2]
+    assert calls == [[1, 2], [3, 5], [7, 9]]

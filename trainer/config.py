@@ -1,0 +1,48 @@
+"""The trainer's configs: offline BOND (`bond train`) and online J-BOND (`bond train-online`).
+
+Same rules as the data stages' configs (bond_data/config.py): defaults here, a YAML file overrides
+them, flags override the file, and every description shows in `--help`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from bond_data.config import Config
+
+
+class TrainConfig(Config):
+    round: int = Field(0, ge=0, description="train on this round's dataset; writes the anchor of round + 1")
+    dataset_id: str | None = Field(None, description="which of the round's datasets; none takes the newest")
+    beta: float = Field(0.5, ge=0, le=1, description="Jeffreys mix: 0 forward KL (mode covering) .. 1 backward KL (mode seeking)")
+    gamma: float = Field(0.0, ge=0, description="weight of KL(pi || anchor), estimated on the anchor's pool")
+    eta: float = Field(0.0, ge=0, le=1, description="EMA anchor step per optimizer step; 0 = hard refresh at the end")
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate (linear warm-up, then constant)")
+    warmup_steps: int = Field(10, ge=0, description="optimizer steps of linear warm-up")
+    epochs: int = Field(2, ge=1, description="passes over the dataset")
+    micro_batch_size: int = Field(64, ge=1, description="sequences per forward pass (grouped by length)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_grad_norm: float = Field(1.0, gt=0, description="global gradient-norm clip")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
+    seed: int = Field(0, description="seed of the batch order")
+    device: str | None = Field(None, description="cpu, cuda, ...; none picks cuda when available (bf16 autocast on cuda)")
+
+
+class OnlineConfig(Config):
+    beta: float = Field(0.5, ge=0, le=1, description="Jeffreys mix: 0 forward only (mode covering) .. 1 backward only (seeking)")
+    eta: float = Field(0.02, ge=0, le=1, description="EMA anchor step per optimizer step; 0 keeps the starting anchor")
+    gamma: float = Field(0.0, ge=0, description="weight of the extra KL(pi || anchor) regulariser")
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate, constant")
+    steps: int = Field(100, ge=1, description="optimizer steps")
+    prompts_per_step: int = Field(32, ge=1, description="prompts per step; each gets 1 policy + 2 anchor samples")
+    max_new_tokens: int = Field(16, ge=1, description="completion length cap for all samples")
+    max_grad_norm: float = Field(1.0, gt=0, description="global gradient-norm clip")
+    gen_batch_size: int = Field(64, ge=1, description="sequences per generate() call and per reward-model call")
+    seed: int = Field(0, description="sampling seeds and the prompt order derive from it")
+    device: str | None = Field(None, description="cpu, cuda, ...; none picks cuda when available (bf16 autocast on cuda)")
+
+
+TINY_TRAIN = Path(__file__).resolve().parent / "configs" / "tiny.yaml"  # the demo's and the benchmark's settings
