@@ -78,6 +78,17 @@ class GenerateConfig(RunnerConfig):
     batch_size: int = Field(64, ge=1, description="sequences per forward pass (prompts x samples)")
     shard_prompts: int = Field(32, ge=1, description="prompts per shard: the unit of work, retry and skip")
     device: str | None = Field(None, description="cpu, cuda, ...; none picks cuda when available")
+    # vLLM engine arguments (backend vllm only)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory the engine reserves")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one model is split across")
+    dtype: str = Field("auto", description="vllm: weight dtype (auto, bfloat16, float16, ...)")
+    max_model_len: int | None = Field(None, ge=1, description="vllm: context length cap; none takes the model's")
+
+    def engine_args(self) -> dict:
+        """The vLLM engine arguments (LLM(...) keywords) of this config."""
+        args = {"gpu_memory_utilization": self.gpu_memory_utilization,
+                "tensor_parallel_size": self.tensor_parallel_size, "dtype": self.dtype}
+        return {**args, "max_model_len": self.max_model_len} if self.max_model_len else args
 
 
 class ScoreConfig(RunnerConfig):

@@ -30,21 +30,14 @@ from bond_data.store import Store, shard_manifest
 
 # ---- planning (driver side) -------------------------------------------------------------------
 def plan_generation(store: Store, round_: int, k: int, shard_prompts: int) -> list[dict]:
-    """Shards still to generate for a round: each a dict (JSON-able, so it travels to any worker)."""
-    prompts = store.prompts().to_pylist()
-    have: dict[str, set[int]] = {}
-    for row in store.existing_samples(round_).to_pylist():
-        have.setdefault(row["prompt_id"], set()).add(row["sample_index"])
-    jobs = []
-    for p in prompts:  # sorted by prompt_id: a stable order, so a re-run plans the same shards
-        missing = [i for i in range(k) if i not in have.get(p["prompt_id"], ())]
-        if missing:
-            jobs.append({
-                "prompt_id": p["prompt_id"], "prompt": p["prompt"],
-                "messages": json.loads(p["messages"]) if p["messages"] else None,
-                "sample_indices": missing,
-                "seeds": [schema.candidate_seed(round_, p["prompt_id"], i) for i in missing],
-            })
+    """Shards still to generate for a round: each a dict (JSON-able, so it travels to any worker).
+    The gaps come from the catalog by an anti-join, streamed in prompt_id order (a stable order, so
+    a re-run plans the same shards)."""
+    jobs = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"],
+             "messages": json.loads(p["messages"]) if p["messages"] else None,
+             "sample_indices": p["missing"],
+             "seeds": [schema.candidate_seed(round_, p["prompt_id"], i) for i in p["missing"]]}
+            for p in store.missing_samples(round_, k)]
     plans = []
     for start in range(0, len(jobs), shard_prompts):
         chunk = jobs[start : start + shard_prompts]
@@ -56,12 +49,12 @@ def plan_generation(store: Store, round_: int, k: int, shard_prompts: int) -> li
 
 # ---- one shard (worker side) ------------------------------------------------------------------
 def generate_shard(store_root: str, plan: dict, anchor: dict, backend: str, sampling: Sampling,
-                   batch_size: int = 64, device: str | None = None) -> dict:
+                   batch_size: int = 64, device: str | None = None, engine_args: dict | None = None) -> dict:
     """Generate one planned shard, write it atomically and return its manifest (no catalog write)."""
     root = Path(store_root)
     out = root / "candidates" / f"round={plan['round']}" / f"shard={plan['shard_id']}.parquet"
     jobs = [PromptJob(**j) for j in plan["jobs"]]
-    model = load_backend(backend, anchor["anchor_path"], anchor["anchor_hash"], batch_size, device)
+    model = load_backend(backend, anchor["anchor_path"], anchor["anchor_hash"], batch_size, device, engine_args)
     completions = model.generate(jobs, sampling)
     table = candidate_table(plan["round"], jobs, completions, anchor["anchor_hash"], model.name, sampling)
     write_parquet_atomic(table, out)

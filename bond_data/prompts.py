@@ -97,14 +97,13 @@ def read_prompts(path: str | Path) -> pa.Table:
 def add_prompts(store: Store, path: str | Path) -> dict:
     """Validate a prompt file and add the prompts the store does not have yet as one shard."""
     table = read_prompts(path)
-    known = store.prompt_ids()
-    keep = [pid not in known for pid in table.column("prompt_id").to_pylist()]
-    new = table.filter(pa.array(keep))
-    summary = {"read": table.num_rows, "added": new.num_rows, "duplicates": table.num_rows - new.num_rows}
-    if new.num_rows == 0:
-        return summary
-    shard_id = "prompts-" + schema.sha256_hex("\n".join(new.column("prompt_id").to_pylist()))
-    out = store.root / "prompts" / f"part-{shard_id}.parquet"
-    write_parquet_atomic(new, out)
-    store.register_shards([shard_manifest(store.root, out, "prompts", shard_id)])
+    with store.writing(f"bond prompts add {Path(path).name}"):
+        new = table.filter(pa.array(store.new_prompt_mask(table.column("prompt_id"))))
+        summary = {"read": table.num_rows, "added": new.num_rows, "duplicates": table.num_rows - new.num_rows}
+        if new.num_rows == 0:
+            return summary
+        shard_id = "prompts-" + schema.sha256_hex("\n".join(new.column("prompt_id").to_pylist()))
+        out = store.root / "prompts" / f"part-{shard_id}.parquet"
+        write_parquet_atomic(new, out)
+        store.register_shards([shard_manifest(store.root, out, "prompts", shard_id)])
     return summary

@@ -86,6 +86,22 @@ def load_reward_model(spec: str, rm_id: str | None = None, device: str | None = 
         return _LOADED[key]
 
 
+def release_reward_models() -> None:
+    """Drop every loaded reward model (before training, say) and return its memory to the device."""
+    import gc
+
+    with _LOCK:
+        _LOADED.clear()
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
 def _sequence_classifier(folder: str, device: str | None) -> Callable[[list[tuple[str, str]]], list[float]]:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

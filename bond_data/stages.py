@@ -6,7 +6,8 @@ and the registration of each finished shard in the catalog as it arrives (only t
 the catalog). `run_shards` is the executor: by default the shards run one after another in this
 process (notebooks, benchmarks, tests); the Prefect flows (flows/stages.py) pass one that submits
 each shard as a task (a thread pool or Dask) and yields manifests as they complete. The anchor
-check, the orphan cleanup, the planning and the registration are this same code on both paths.
+check, the orphan cleanup, the planning and the registration are this same code on both paths. A stage holds the store's writer lease
+from planning to its last registration: a second writer is refused at once, readers never wait.
 """
 
 from __future__ import annotations
@@ -47,11 +48,12 @@ def plan_generate(store: Store, round_: int, k: int, shard_prompts: int) -> tupl
 
 def generate_round(store: Store, round_: int, k: int, sampling: Sampling, shard_prompts: int = 32,
                    backend: str = "transformers", batch_size: int = 64, device: str | None = None,
-                   run_shards: ShardRunner = run_serially) -> dict:
+                   engine_args: dict | None = None, run_shards: ShardRunner = run_serially) -> dict:
     """Sample the round's missing candidates (k per prompt) from its registered anchor."""
-    anchor, plans = plan_generate(store, round_, k, shard_prompts)
-    calls = [(str(store.root), plan, anchor, backend, sampling, batch_size, device) for plan in plans]
-    done = register_as_completed(store, run_shards(generate.generate_shard, calls))
+    with store.writing(f"bond generate --round {round_} --k {k}"):
+        anchor, plans = plan_generate(store, round_, k, shard_prompts)
+        calls = [(str(store.root), plan, anchor, backend, sampling, batch_size, device, engine_args) for plan in plans]
+        done = register_as_completed(store, run_shards(generate.generate_shard, calls))
     return {"round": round_, "k": k, "shards_generated": done}
 
 
@@ -68,9 +70,10 @@ def plan_score(store: Store, round_: int, spec: str, rm_id: str | None) -> tuple
 def score_round(store: Store, round_: int, spec: str, rm_id: str | None = None, batch_size: int = 32,
                 device: str | None = None, run_shards: ShardRunner = run_serially) -> dict:
     """Score the round's unscored candidates shards with one reward model."""
-    rid, todo, prompt_files = plan_score(store, round_, spec, rm_id)
-    calls = [(str(store.root), m, prompt_files, spec, rid, batch_size, device) for m in todo]
-    done = register_as_completed(store, run_shards(score.score_shard, calls))
+    with store.writing(f"bond score --round {round_} --rm {spec}"):
+        rid, todo, prompt_files = plan_score(store, round_, spec, rm_id)
+        calls = [(str(store.root), m, prompt_files, spec, rid, batch_size, device) for m in todo]
+        done = register_as_completed(store, run_shards(score.score_shard, calls))
     return {"round": round_, "rm_id": rid, "shards_scored": done}
 
 

@@ -1,19 +1,23 @@
-"""The store: immutable Parquet shards under a folder, indexed by a DuckDB catalog. All SQL lives here.
+"""The store: immutable Parquet shards under a folder, indexed by an append-only catalog. All SQL
+lives here.
 
-    <store>/catalog.duckdb                        rounds, shards, reward models, datasets; views
+    <store>/store.sql                             the reader script: DuckDB views over the catalog
+    <store>/_catalog/                             registry manifests and the writer lease (catalog.py)
     <store>/prompts/part-<id>.parquet
     <store>/candidates/round=R/shard=<id>.parquet
     <store>/scores/round=R/rm=<rm>/shard=<id>.parquet
     <store>/datasets/round=R/<id>/part-0.parquet  + README.md (dataset card)
     <store>/anchors/round=R/                      safetensors checkpoint + manifest
 
-Workers only write Parquet (temporary name, fsync, atomic rename) and return a manifest. Only the
-driver writes the catalog, registering shards in one transaction that also rebuilds the views over
-the registered files, so a reader never sees an unregistered or half-written shard. A file on disk
-that the catalog does not list is an orphan of a killed run: the driver deletes it before planning.
+Writers: workers only write Parquet (temporary name, fsync, atomic rename) and return a manifest;
+the driver, holding the store's writer lease, registers each finished shard by appending one
+manifest file to the catalog. A registered shard is done. A file on disk that the catalog does not
+list is an orphan of a killed run: the driver deletes it before planning.
 
-Views hold paths relative to the store; every connection sets DuckDB's `file_search_path` to the
-store folder, so the store can be moved or opened from any working directory.
+Readers never touch a lock: every read opens DuckDB in memory and runs the reader script
+(`reader_script`, also written to `<store>/store.sql` for the DuckDB CLI and notebooks). It loads
+the catalog tables as they are at that moment and points the views at exactly the registered
+files, by absolute path, so a reader sees a consistent snapshot: only registered, complete shards.
 """
 
 from __future__ import annotations
@@ -28,35 +32,20 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bond_data import schema
+from bond_data import catalog, schema
 from bond_data.errors import StoreError
-from bond_data.files import file_sha256, is_temporary
+from bond_data.files import file_sha256, is_temporary, write_text_atomic
 
-__all__ = ["Store", "StoreError", "read_only_query", "shard_manifest"]
+__all__ = ["Store", "StoreError", "read_only_query", "reader_script", "shard_manifest"]
 
-TABLES = """
-CREATE TABLE IF NOT EXISTS rounds (
-    round INTEGER PRIMARY KEY, anchor_path VARCHAR NOT NULL, anchor_hash VARCHAR NOT NULL,
-    parent_round INTEGER, config JSON, registered_at TIMESTAMP DEFAULT current_timestamp);
-CREATE TABLE IF NOT EXISTS shards (
-    shard_id VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, round INTEGER, rm_id VARCHAR,
-    path VARCHAR NOT NULL, num_rows BIGINT NOT NULL, sha256 VARCHAR NOT NULL, manifest JSON,
-    registered_at TIMESTAMP DEFAULT current_timestamp);
-CREATE TABLE IF NOT EXISTS reward_models (
-    rm_id VARCHAR PRIMARY KEY, rm_hash VARCHAR NOT NULL, spec VARCHAR NOT NULL,
-    registered_at TIMESTAMP DEFAULT current_timestamp);
-CREATE TABLE IF NOT EXISTS datasets (
-    dataset_id VARCHAR PRIMARY KEY, round INTEGER NOT NULL, rm_id VARCHAR NOT NULL, n INTEGER NOT NULL,
-    path VARCHAR NOT NULL, num_rows BIGINT NOT NULL, num_prompts BIGINT NOT NULL, card JSON,
-    registered_at TIMESTAMP DEFAULT current_timestamp);
-"""
+VIEWS = {"prompts": schema.PROMPTS, "candidates": schema.CANDIDATES, "scores": schema.SCORES}
 
 # One row per candidate and reward model, with its quantiles within its (round, prompt, rm) pool.
 # Count each reward level of a pool, take the running sum over levels (<=), subtract the level's
 # own count (<), and join back: the window runs over distinct levels, not over every candidate,
 # which made it 1.3x faster than rank() / count(*) windows over all rows (bench/weights.py).
 POOL_VIEW = """
-CREATE OR REPLACE VIEW pool AS
+CREATE OR REPLACE TEMP VIEW pool AS
 WITH levels AS (
     SELECT round, prompt_id, rm_id, reward, count(*) AS c FROM scores GROUP BY ALL),
 cumulative AS (
@@ -67,26 +56,85 @@ cumulative AS (
 SELECT s.round, s.prompt_id, s.candidate_id, s.rm_id, s.reward,
        ((q.le - q.c) / q.k)::DOUBLE AS p_lt, (q.le / q.k)::DOUBLE AS p_le, q.k::BIGINT AS k
 FROM scores s JOIN cumulative q USING (round, prompt_id, rm_id, reward);
-CREATE OR REPLACE MACRO bon_pool(n) AS TABLE
+CREATE OR REPLACE TEMP MACRO bon_pool(n) AS TABLE
 SELECT *, (pow(p_le, n) - pow(p_lt, n)) / (p_le - p_lt) AS bon_weight FROM pool;
 """
 
+# The dataset of a round, streamed by COPY (parameters as variables: COPY takes no bound values).
 DATASET_ROWS = """
 SELECT b.prompt_id, b.candidate_id, p.prompt, p.messages, c.completion, c.token_ids, b.reward, b.p_lt, b.p_le,
-       b.bon_weight, c.anchor_logprob, c.num_tokens, b.round, $n::INTEGER AS n, b.rm_id
-FROM bon_pool($n) b
-JOIN candidates c USING (candidate_id)
+       b.bon_weight, c.anchor_logprob, c.num_tokens, b.round::INTEGER AS round, getvariable('bond_n')::INTEGER AS n,
+       b.rm_id
+FROM bon_pool(getvariable('bond_n')) b
+JOIN candidates c ON c.candidate_id = b.candidate_id AND c.round = getvariable('bond_round')
 JOIN prompts p ON p.prompt_id = b.prompt_id
-WHERE b.round = $round AND b.rm_id = $rm_id
+WHERE b.round = getvariable('bond_round') AND b.rm_id = getvariable('bond_rm_id')
 ORDER BY b.prompt_id, c.sample_index
 """
 
-VIEW_TABLES = {"prompts": schema.PROMPTS, "candidates": schema.CANDIDATES, "scores": schema.SCORES}
-_DUCK_TYPES = {
-    pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float64(): "DOUBLE",
-    pa.list_(pa.int32()): "INTEGER[]",
-}
+# Prompts, candidates, tie rate, effective sample size and rewards of a built dataset, in SQL so
+# that a dataset of millions of rows is summarised without loading it (bond_data.build checks it
+# against the numpy version).
+DATASET_SUMMARY = """
+WITH rows AS (SELECT *, count(*) OVER (PARTITION BY prompt_id) AS k FROM read_parquet($path)),
+per_prompt AS (
+    SELECT prompt_id, any_value(k) AS k, sum(bon_weight) AS w, sum(bon_weight * bon_weight) AS w2,
+           avg(reward) AS one_sample, sum(bon_weight * reward) / any_value(k) AS best_of_n,
+           count_if((p_le - p_lt) * k > 1.5) AS tied
+    FROM rows GROUP BY prompt_id)
+SELECT count(*) AS prompts, sum(k)::BIGINT AS candidates, min(k) AS k_min, max(k) AS k_max,
+       sum(tied) / sum(k) AS tie_rate, avg(w * w / w2) AS ess_mean, avg(w * w / w2 / k) AS ess_fraction,
+       avg(one_sample) AS mean_reward, avg(best_of_n) AS bon_reward
+FROM per_prompt
+"""
+
+# Prompts with the sample indices in [0, k) that no registered candidate of the round holds.
+MISSING_SAMPLES = """
+SELECT p.prompt_id, p.prompt, p.messages, list(i.i ORDER BY i.i) AS missing
+FROM prompts p CROSS JOIN range($k) i(i)
+ANTI JOIN (SELECT prompt_id, sample_index FROM candidates WHERE round = $round) c
+    ON c.prompt_id = p.prompt_id AND c.sample_index = i.i
+GROUP BY p.prompt_id, p.prompt, p.messages
+ORDER BY p.prompt_id
+"""
+
 ALLOWED_READ_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+
+
+def _literal(text: str) -> str:
+    """A SQL string literal's body (our own paths; quotes doubled)."""
+    return text.replace("'", "''")
+
+
+def reader_script(root: Path) -> str:
+    """The DuckDB statements that open a store for reading: the catalog tables as they are now
+    (the first registration of each key), and the views over exactly the registered files."""
+    r = _literal(str(root))
+    lines = [
+        "-- BOND store: read-only views over its registered files (written by bond; do not edit).",
+        f"-- DuckDB CLI (pip install duckdb-cli):  duckdb -init '{r}/store.sql'",
+        f"-- Python:  con = duckdb.connect(); con.execute(open('{r}/store.sql').read())",
+        "-- A snapshot of the catalog when it runs: run it again (.read in the CLI) to see newer shards.",
+        "SET parquet_metadata_cache = true;",
+    ]
+    for table, (key, _) in catalog.TABLES.items():
+        folder = f"{r}/{catalog.CATALOG_DIR}/{table}"
+        # the newest base, the segments after it, the batches after the newest segment (names sort by time)
+        lines.append(f"SET VARIABLE bond_{table}_base = (SELECT max(file) FROM glob('{folder}/*-base.parquet'));")
+        lines.append(f"SET VARIABLE bond_{table}_segment = (SELECT coalesce(max(file), getvariable('bond_{table}_base')) "
+                     f"FROM glob('{folder}/*-segment.parquet') WHERE file > getvariable('bond_{table}_base'));")
+        lines.append(f"SET VARIABLE bond_{table}_files = (SELECT list(file) FROM glob('{folder}/*.parquet') "
+                     f"WHERE file = getvariable('bond_{table}_base') OR (file > getvariable('bond_{table}_base') AND "
+                     f"(file LIKE '%-segment.parquet' OR file > getvariable('bond_{table}_segment'))));")
+        lines.append(f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT * FROM read_parquet(getvariable('bond_{table}_files')) "
+                     f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY registered_at) = 1;")
+    for view in VIEWS:
+        lines.append(f"SET VARIABLE bond_{view} = (SELECT coalesce(list(DISTINCT '{r}/' || path), []) "
+                     f"FROM shards WHERE kind = '{view}');")
+        lines.append(f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM read_parquet(list_concat("
+                     f"['{r}/{catalog.CATALOG_DIR}/empty/{view}.parquet'], getvariable('bond_{view}')), "
+                     "hive_partitioning = false);")
+    return "\n".join(lines) + "\n" + POOL_VIEW.strip() + "\n"
 
 
 def shard_manifest(store_root: Path, path: Path, kind: str, shard_id: str, **extra) -> dict:
@@ -103,169 +151,214 @@ def shard_manifest(store_root: Path, path: Path, kind: str, shard_id: str, **ext
 
 
 class Store:
-    """A store folder and its catalog. Connections are short-lived so readers are rarely locked out."""
+    """A store folder: Parquet shards and their catalog. Reads never lock; writes hold the lease."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).resolve()
-        self.catalog_path = self.root / "catalog.duckdb"
 
-    # ---- connections -------------------------------------------------------------------------
+    @property
+    def catalog_dir(self) -> Path:
+        return self.root / catalog.CATALOG_DIR
+
+    def exists(self) -> bool:
+        """A catalog is there (the writer lease alone creates `_catalog/` but no table)."""
+        return catalog.table_dir(self.root, "shards").is_dir()
+
+    # ---- writing -----------------------------------------------------------------------------
     @contextlib.contextmanager
-    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        if read_only and not self.catalog_path.exists():
-            raise StoreError(f"no catalog at {self.catalog_path}: is {self.root} a BOND store?")
+    def writing(self, command: str) -> Iterator[Store]:
+        """Hold the store's writer lease (creating the store if needed); a second writer fails at
+        once with a message naming this one. Re-entrant within a process."""
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"{self.root} is a file, not a store folder")
         self.root.mkdir(parents=True, exist_ok=True)
-        con = duckdb.connect(str(self.catalog_path), read_only=read_only)
-        try:
-            con.execute("SET file_search_path = ?", [str(self.root)])
-            if not read_only:
-                self._ensure_schema(con)
-            yield con
-        finally:
-            con.close()
+        outermost = not catalog.holds_lease(self.root)
+        with catalog.writer_lease(self.root, command):
+            if outermost:
+                self._prepare()
+            yield self
 
-    def _ensure_schema(self, con: duckdb.DuckDBPyConnection) -> None:
-        if con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'pool'").fetchall()[0][0]:
-            return
-        con.execute(TABLES)
-        self._refresh_views(con)
+    def _prepare(self) -> None:
+        """Create the catalog (migrating an older DuckDB catalog once) and keep `store.sql` naming
+        this folder, wherever the store has been moved to."""
+        legacy, fresh = self.root / "catalog.duckdb", not self.exists()
+        catalog.ensure_layout(self.root, VIEWS)
+        if fresh and legacy.is_file():
+            _migrate(legacy, self.root)
+        script, path = reader_script(self.root), self.root / "store.sql"
+        if not path.is_file() or path.read_text() != script:
+            write_text_atomic(script, path)
 
-    def _refresh_views(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Point each view at exactly the registered shard files (or an empty typed relation)."""
-        for kind, sch in VIEW_TABLES.items():
-            paths = [r[0] for r in con.execute("SELECT path FROM shards WHERE kind = ? ORDER BY path", [kind]).fetchall()]
-            if paths:
-                # Paths are our own relative names (checked at registration), quoted as SQL literals.
-                listing = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
-                body = f"SELECT * FROM read_parquet([{listing}])"
-            else:
-                cols = ", ".join(f"NULL::{_DUCK_TYPES[f.type]} AS {f.name}" for f in sch)
-                body = f"SELECT {cols} WHERE false"
-            con.execute(f"CREATE OR REPLACE VIEW {kind} AS {body}")
-        con.execute(POOL_VIEW)
-
-    # ---- shards ------------------------------------------------------------------------------
     def register_shards(self, manifests: list[dict]) -> None:
-        """Register finished shards and rebuild the views, all in one transaction."""
+        """Register finished shards: one manifest file appended to the catalog."""
         if not manifests:
             return
         for m in manifests:
             path = self.root / m["path"]
             if not path.is_file() or ".." in Path(m["path"]).parts:
                 raise StoreError(f"shard {m['shard_id']}: file {path} is missing or outside the store")
-        with self.connect() as con:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                for m in manifests:
-                    con.execute(
-                        "INSERT INTO shards (shard_id, kind, round, rm_id, path, num_rows, sha256, manifest) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                        [m["shard_id"], m["kind"], m.get("round"), m.get("rm_id"), m["path"],
-                         m["num_rows"], m["sha256"], json.dumps(m)],
-                    )
-                self._refresh_views(con)
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-
-    def registered_shards(self, kind: str, round_: int | None = None, rm_id: str | None = None) -> list[dict]:
-        with self.connect() as con:
-            rows = con.execute(
-                "SELECT manifest FROM shards WHERE kind = $kind "
-                "AND ($round IS NULL OR round = $round) AND ($rm IS NULL OR rm_id = $rm) ORDER BY path",
-                {"kind": kind, "round": round_, "rm": rm_id},
-            ).fetchall()
-        return [json.loads(r[0]) for r in rows]
+        rows = [{"shard_id": m["shard_id"], "kind": m["kind"], "round": m.get("round"), "rm_id": m.get("rm_id"),
+                 "path": m["path"], "num_rows": m["num_rows"], "sha256": m["sha256"], "manifest": json.dumps(m)}
+                for m in manifests]
+        with self.writing("register shards"):
+            catalog.append(self.root, "shards", rows)
 
     def remove_orphans(self, subdir: str) -> list[Path]:
         """Delete Parquet files under `subdir` that the catalog does not list (and temp files)."""
         folder = self.root / subdir
-        if not folder.exists():
-            return []
-        with self.connect() as con:
-            known = {r[0] for r in con.execute("SELECT path FROM shards").fetchall()}
-        removed = []
-        for path in folder.rglob("*"):
-            rel = path.relative_to(self.root).as_posix()
-            if path.is_file() and (is_temporary(path) or (path.suffix == ".parquet" and rel not in known)):
-                path.unlink()
-                removed.append(path)
-        return removed
+        with self.writing("remove orphans"):
+            if not folder.exists():
+                return []
+            known = set(self.query("SELECT path FROM shards").column("path").to_pylist())
+            removed = []
+            for path in folder.rglob("*"):
+                rel = path.relative_to(self.root).as_posix()
+                if path.is_file() and (is_temporary(path) or (path.suffix == ".parquet" and rel not in known)):
+                    path.unlink()
+                    removed.append(path)
+            return removed
 
-    # ---- reads for planning --------------------------------------------------------------------
-    def query(self, sql: str, params: dict | list | None = None) -> pa.Table:
-        """Run one of *our* queries read-only and return an Arrow table."""
-        with self.connect(read_only=True) as con:
-            return con.sql(sql, params=params or []).to_arrow_table()
-
-    def prompts(self) -> pa.Table:
-        return self.query("SELECT * FROM prompts ORDER BY prompt_id")
-
-    def prompt_ids(self) -> set[str]:
-        if not self.catalog_path.exists():
-            return set()
-        return set(self.query("SELECT prompt_id FROM prompts").column("prompt_id").to_pylist())
-
-    def existing_samples(self, round_: int) -> pa.Table:
-        """(prompt_id, sample_index) of every registered candidate of a round."""
-        return self.query("SELECT prompt_id, sample_index FROM candidates WHERE round = ?", [round_])
-
-    def dataset_rows(self, round_: int, rm_id: str, n: int) -> pa.Table:
-        table = self.query(DATASET_ROWS, {"round": round_, "rm_id": rm_id, "n": n})
-        return table.cast(schema.DATASET)
-
-    # ---- rounds, reward models, datasets -------------------------------------------------------
     def register_anchor(self, round_: int, anchor_path: str, anchor_hash: str,
                         parent_round: int | None = None, config: dict | None = None) -> None:
         """Register the anchor (generator) of a round; idempotent for the same hash."""
-        with self.connect() as con:
-            row = con.execute("SELECT anchor_hash FROM rounds WHERE round = ?", [round_]).fetchall()
-            if row and row[0][0] != anchor_hash:
+        with self.writing(f"register the anchor of round {round_}"):
+            row = self.anchor(round_)
+            if row and row["anchor_hash"] != anchor_hash:
                 raise StoreError(
-                    f"round {round_} already has anchor {row[0][0]}; refusing to replace it with {anchor_hash}"
-                )
+                    f"round {round_} already has anchor {row['anchor_hash']}; refusing to replace it with {anchor_hash}")
             if not row:
-                con.execute(
-                    "INSERT INTO rounds (round, anchor_path, anchor_hash, parent_round, config) VALUES (?, ?, ?, ?, ?)",
-                    [round_, anchor_path, anchor_hash, parent_round, json.dumps(config or {})],
-                )
+                catalog.append(self.root, "rounds", [{
+                    "round": round_, "anchor_path": anchor_path, "anchor_hash": anchor_hash,
+                    "parent_round": parent_round, "config": json.dumps(config or {})}])
+
+    def register_reward_model(self, rm_id: str, rm_hash: str, spec: str) -> None:
+        with self.writing(f"register reward model {rm_id}"):
+            rows = self.query("SELECT rm_hash, spec FROM reward_models WHERE rm_id = ?", [rm_id]).to_pylist()
+            if rows and rows[0]["rm_hash"] != rm_hash:
+                raise StoreError(
+                    f"reward model id {rm_id!r} is registered with hash {rows[0]['rm_hash']} ({rows[0]['spec']}); "
+                    f"{spec} hashes to {rm_hash}. Give the changed reward model a new --rm-id.")
+            if not rows:
+                catalog.append(self.root, "reward_models", [{"rm_id": rm_id, "rm_hash": rm_hash, "spec": spec}])
+
+    def register_dataset(self, record: dict) -> None:
+        with self.writing(f"register dataset {record['dataset_id']}"):
+            if not self.query("SELECT 1 FROM datasets WHERE dataset_id = ?", [record["dataset_id"]]).num_rows:
+                catalog.append(self.root, "datasets", [{
+                    k: record[k] for k in ("dataset_id", "round", "rm_id", "n", "path", "num_rows", "num_prompts")
+                } | {"card": json.dumps(record["card"])}])
+
+    # ---- reading -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """An in-memory DuckDB connection with the store's tables and views (a snapshot)."""
+        if not self.exists():
+            if (self.root / "catalog.duckdb").is_file():
+                raise StoreError(f"{self.root} has a catalog of an older version: run `bond migrate --store "
+                                 f"{self.root}` once")
+            raise StoreError(f"no catalog at {self.catalog_dir}: is {self.root} a BOND store?")
+        con = duckdb.connect(":memory:")
+        try:
+            con.execute(reader_script(self.root))
+            yield con
+        finally:
+            con.close()
+
+    def query(self, sql: str, params: dict | list | None = None) -> pa.Table:
+        """Run one of *our* queries on a fresh snapshot and return an Arrow table. Retried once: a
+        catalog compaction may delete a replaced manifest between DuckDB's glob and its read."""
+        for attempt in (0, 1):
+            try:
+                with self.reader() as con:
+                    return con.sql(sql, params=params or []).to_arrow_table()
+            except duckdb.IOException:
+                if attempt:
+                    raise
+
+    def registered_shards(self, kind: str, round_: int | None = None, rm_id: str | None = None) -> list[dict]:
+        rows = self.query(
+            "SELECT manifest FROM shards WHERE kind = $kind "
+            "AND ($round IS NULL OR round = $round) AND ($rm IS NULL OR rm_id = $rm) ORDER BY path",
+            {"kind": kind, "round": round_, "rm": rm_id},
+        ).column("manifest").to_pylist()
+        return [json.loads(r) for r in rows]
+
+    def missing_samples(self, round_: int, k: int, batch_rows: int = 4096) -> Iterator[dict]:
+        """Prompts (id, text, messages) with their sample indices in [0, k) not yet registered for the
+        round, in prompt_id order, streamed in record batches: no column of the store is loaded whole."""
+        with self.reader() as con:
+            reader = con.sql(MISSING_SAMPLES, params={"k": k, "round": round_}).to_arrow_reader(batch_rows)
+            for batch in reader:
+                yield from batch.to_pylist()
+
+    def new_prompt_mask(self, prompt_ids: pa.Array) -> list[bool]:
+        """For each id, whether the store has no such prompt yet (an anti-join, not a Python set)."""
+        if not self.exists():
+            return [True] * len(prompt_ids)
+        with self.reader() as con:
+            con.register("incoming", pa.table({"i": pa.array(range(len(prompt_ids))), "prompt_id": prompt_ids}))
+            new = set(con.sql("SELECT i FROM incoming ANTI JOIN prompts USING (prompt_id)").to_arrow_table()
+                      .column("i").to_pylist())
+        return [i in new for i in range(len(prompt_ids))]
+
+    def missing_scores(self, round_: int, rm_id: str) -> dict:
+        """Candidates shards of a round without a scores shard of this reward model: counts."""
+        rows = self.query(
+            "SELECT count(*) AS shards, coalesce(sum(c.num_rows), 0)::BIGINT AS candidates, "
+            "(SELECT count(*) FROM shards WHERE kind = 'candidates' AND round = $round) AS of_shards "
+            "FROM shards c WHERE c.kind = 'candidates' AND c.round = $round AND NOT EXISTS ("
+            "SELECT 1 FROM shards s WHERE s.kind = 'scores' AND s.round = $round AND s.rm_id = $rm "
+            "AND s.shard_id = c.shard_id || '-' || $rm)", {"round": round_, "rm": rm_id}).to_pylist()
+        return rows[0]
+
+    def write_dataset(self, round_: int, rm_id: str, n: int, out: Path, memory_limit: str = "1GB") -> None:
+        """COPY the round's weighted pool (DATASET_ROWS) to a Parquet file, streamed under a memory
+        limit (DuckDB spills to a temporary folder beside `out`)."""
+        with self.reader() as con:
+            con.execute("SET memory_limit = ?", [memory_limit])
+            con.execute("SET temp_directory = ?", [str(out.parent / ".duckdb-tmp")])
+            con.execute("SET preserve_insertion_order = true")
+            for name, value in (("bond_round", round_), ("bond_rm_id", rm_id), ("bond_n", n)):
+                con.execute(f"SET VARIABLE {name} = ?", [value])
+            con.execute(f"COPY ({DATASET_ROWS}) TO '{_literal(str(out))}' (FORMAT parquet, COMPRESSION zstd)")
+
+    def dataset_summary(self, path: Path) -> dict:
+        rows = self.query(DATASET_SUMMARY, {"path": str(path)}).to_pylist()[0]
+        return {k: (int(v) if k in ("prompts", "candidates", "k_min", "k_max") else float(v)) for k, v in rows.items()}
 
     def anchor(self, round_: int) -> dict | None:
-        if not self.catalog_path.exists():
+        if not self.exists():
             return None
         rows = self.query("SELECT round, anchor_path, anchor_hash FROM rounds WHERE round = ?", [round_]).to_pylist()
         return rows[0] if rows else None
-
-    def register_reward_model(self, rm_id: str, rm_hash: str, spec: str) -> None:
-        with self.connect() as con:
-            row = con.execute("SELECT rm_hash, spec FROM reward_models WHERE rm_id = ?", [rm_id]).fetchall()
-            if row and row[0][0] != rm_hash:
-                raise StoreError(
-                    f"reward model id {rm_id!r} is registered with hash {row[0][0]} ({row[0][1]}); "
-                    f"{spec} hashes to {rm_hash}. Give the changed reward model a new --rm-id."
-                )
-            if not row:
-                con.execute("INSERT INTO reward_models (rm_id, rm_hash, spec) VALUES (?, ?, ?)", [rm_id, rm_hash, spec])
 
     def reward_model_ids(self, round_: int) -> list[str]:
         rows = self.query("SELECT DISTINCT rm_id FROM shards WHERE kind = 'scores' AND round = ? ORDER BY 1", [round_])
         return rows.column("rm_id").to_pylist()
 
-    def register_dataset(self, record: dict) -> None:
-        with self.connect() as con:
-            con.execute(
-                "INSERT INTO datasets (dataset_id, round, rm_id, n, path, num_rows, num_prompts, card) "
-                "VALUES ($dataset_id, $round, $rm_id, $n, $path, $num_rows, $num_prompts, $card) ON CONFLICT DO NOTHING",
-                {**record, "card": json.dumps(record["card"])},
-            )
+
+def _migrate(legacy: Path, root: Path) -> None:
+    """Copy the tables of a DuckDB catalog of an earlier version into the registry (once)."""
+    con = duckdb.connect(str(legacy), read_only=True)
+    try:
+        for table, (_, sch) in catalog.TABLES.items():
+            rows = con.sql(f"SELECT * FROM {table}").to_arrow_table().to_pylist()
+            for r in rows:
+                for k in ("manifest", "config", "card"):
+                    if k in r and not isinstance(r[k], str | None):
+                        r[k] = json.dumps(r[k])
+            if rows:
+                catalog.append(root, table, rows)
+    finally:
+        con.close()
 
 
 def read_only_query(store: Store, sql: str) -> pa.Table:
-    """Run an analyst's SQL: only SELECT / EXPLAIN statements, on a read-only connection.
+    """Run an analyst's SQL: only SELECT / EXPLAIN statements, on an in-memory snapshot that can
+    read no file outside the store.
 
-    Checking the statement type first matters: a read-only connection still lets COPY ... TO or
-    ATTACH write files outside the catalog.
+    Checking the statement type first matters: the sandbox confines file access to the store's
+    folder, but COPY ... TO or ATTACH could still write inside it.
     """
     try:
         statements = duckdb.extract_statements(sql)
@@ -279,7 +372,10 @@ def read_only_query(store: Store, sql: str) -> pa.Table:
                 f"bond sql is read-only: refusing a {st.type.name} statement ({st.query.strip()[:60]!r}); "
                 "only SELECT, DESCRIBE/SHOW and EXPLAIN are allowed"
             )
-    with store.connect(read_only=True) as con:
+    with store.reader() as con:
+        con.execute("SET allowed_directories = [?]", [str(store.root) + os.sep])
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
         result = None
         for st in statements:
             try:

@@ -8,6 +8,7 @@ Every subcommand parses its flags into a config, then makes one call into a flow
     bond score     --store DIR [--round R] [--rm SPEC] [--rm-id ID]
     bond build     --store DIR [--round R] --n N [--rm-id ID]
     bond sql       --store DIR "QUERY" [--format table|csv|json]
+    bond migrate   --store DIR                          a store written before the manifest catalog
     bond train     --store DIR --round R [--beta B --eta E ...]   (torchrun: python -m trainer.train)
     bond train-online --policy DIR --prompts FILE --out DIR [--rm SPEC --steps S ...]   online J-BOND
     bond rounds    --store DIR --num M [--n 2 --k 8 ...]          iterative BOND, resumable
@@ -86,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--cron", required=True, help='e.g. "0 3 * * *"')
             p.add_argument("--name", default="bond-rounds")
 
+    p = sub.add_parser("migrate", help="move a store's DuckDB catalog of an earlier version to the manifest catalog")
+    p.add_argument("--store", required=True)
+
     p = sub.add_parser("sql", help="query the store read-only")
     p.add_argument("--store", required=True)
     p.add_argument("query")
@@ -100,10 +104,34 @@ def main(argv: list[str] | None = None) -> int:
     from bond_data.score import RewardError
 
     try:
-        return COMMANDS[args.command](args) or 0
+        with _writer_lease(args, argv if argv is not None else sys.argv[1:]):
+            return COMMANDS[args.command](args) or 0
     except (PromptError, RewardError, StoreError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+# Commands that write the store take its writer lease here, before Prefect or a model starts, so a
+# second writer is refused at once with one line naming the first (its command line, host, pid).
+# Only these create a store; the others need one (a misspelt --store must not create a folder).
+CREATORS = {"demo", "init", "prompts"}
+WRITERS = CREATORS | {"generate", "score", "build", "train", "rounds", "migrate"}
+
+
+def _writer_lease(args, argv: list[str]):
+    import contextlib
+    import shlex
+
+    if args.command not in WRITERS:
+        return contextlib.nullcontext()
+    from bond_data.store import Store, StoreError
+
+    store = Store(args.store)
+    legacy = (store.root / "catalog.duckdb").is_file()
+    if args.command not in CREATORS and not store.exists() and not (args.command == "migrate" and legacy):
+        hint = "run `bond migrate` once" if legacy else "create one with `bond init --store DIR --anchor MODEL`"
+        raise StoreError(f"no BOND store at {store.root}: {hint}")
+    return store.writing(shlex.join(["bond", *argv]))
 
 
 def cmd_init(args) -> None:
@@ -113,6 +141,14 @@ def cmd_init(args) -> None:
     anchor = Path(args.anchor).resolve()
     Store(args.store).register_anchor(args.round, str(anchor), folder_sha256(anchor), config={"source": "bond init"})
     print(f"round {args.round}: anchor {anchor}")
+
+
+def cmd_migrate(args) -> None:
+    from bond_data.store import Store
+
+    store = Store(args.store)  # main() holds the lease, which migrates an older catalog
+    shards = store.query("SELECT count(*) AS n FROM shards").column("n")[0].as_py()
+    print(f"{store.root}: catalog in {store.catalog_dir} ({shards} shards registered); readers: {store.root / 'store.sql'}")
 
 
 def cmd_prompts(args) -> None:
@@ -275,7 +311,7 @@ def print_rounds(rows: list[dict], n: int) -> None:
     Console(width=max(Console().width, 110)).print(t)
 
 
-COMMANDS = {"demo": cmd_demo, "init": cmd_init, "prompts": cmd_prompts, "generate": cmd_generate,
+COMMANDS = {"demo": cmd_demo, "init": cmd_init, "migrate": cmd_migrate, "prompts": cmd_prompts, "generate": cmd_generate,
             "score": cmd_score, "build": cmd_build, "sql": cmd_sql, "train": cmd_train, "train-online": cmd_train_online, "rounds": cmd_rounds,
             "serve": cmd_serve}
 

@@ -28,8 +28,12 @@ def curate_round(store: str, generate: dict, score: dict, build: dict) -> dict:
 
 @task(name="train-round", task_run_name="train-round-{cfg[round]}")
 def train_task(store: str, cfg: dict) -> dict:
+    from bond_data.backends import release
+    from bond_data.score import release_reward_models
     from trainer.train import train
 
+    release()  # the round's generator and reward model leave memory before the policy, anchor and AdamW arrive
+    release_reward_models()
     return train(store, TrainConfig.model_validate(cfg))
 
 
@@ -38,6 +42,13 @@ def bond_rounds(store: str, num: int, generate: dict, score: dict, build: dict, 
     """Run rounds 0..num-1, each from the anchor the previous one registered."""
     st = Store(store)
     done = []
+    with st.writing(f"bond rounds --num {num}"):
+        _run_rounds(st, num, generate, score, build, train, done)
+    return done
+
+
+def _run_rounds(st: Store, num: int, generate: dict, score: dict, build: dict, train: dict, done: list) -> None:
+    store = str(st.root)
     for t in range(num):
         if st.anchor(t) is None:
             raise StoreError(f"round {t} has no anchor: register round 0's with `bond init`")
@@ -48,7 +59,6 @@ def bond_rounds(store: str, num: int, generate: dict, score: dict, build: dict, 
         result = train_task(store, {**train, "round": t, "dataset_id": dataset["dataset_id"]})
         print(f"round {t}: trained on {dataset['dataset_id']}; anchor {t + 1} = {result['next_anchor']['anchor_hash'][:12]}")
         done.append({"round": t, "dataset_id": dataset["dataset_id"], "next_anchor": result["next_anchor"]})
-    return done
 
 
 def rounds_deployment(store: str, cron: str, num: int, generate: dict, score: dict, build: dict, train: dict,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import sys
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, TESTS_DIR)  # reward callables in tests/rewards_for_tests.py
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [TESTS_DIR, os.environ.get("PYTHONPATH")]))  # workers too
+# tests/helpers holds testutil.py and the reward callables (rewards_for_tests.py); only that folder
+# goes on the path (workers too), never tests/ itself, whose bond_data/ folder would shadow the package.
+HELPERS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers")
+sys.path.insert(0, HELPERS_DIR)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [HELPERS_DIR, os.environ.get("PYTHONPATH")]))
 
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -41,8 +41,15 @@ from trainer.metrics import MetricsLog
 
 
 def train(store_root: str, cfg: TrainConfig) -> dict:
+    """Train on the round's dataset and register the next anchor; rank 0 holds the store's writer lease."""
     store = Store(store_root)
     rank, world = _init_distributed()
+    lease = store.writing(f"bond train --round {cfg.round}") if rank == 0 else contextlib.nullcontext()
+    with lease:
+        return _train(store, cfg, rank, world)
+
+
+def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

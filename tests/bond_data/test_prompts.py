@@ -8,11 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from bond_data.prompts import PromptError, add_prompts, read_prompts
-from bond_data.files import file_sha256
 from bond_data.schema import prompt_id
 from bond_data.store import Store
 
-from testutil import write_jsonl
+from testutil import tree_digest, write_jsonl
 
 
 def test_jsonl_parquet_and_datasets_folder(tmp_path):
@@ -49,12 +48,12 @@ def test_duplicates_fold_by_content_within_a_file_and_across_adds(tmp_path):
 def test_bad_input_names_file_line_and_field_and_writes_nothing(tmp_path, line, message):
     st = Store(tmp_path / "s")
     add_prompts(st, write_jsonl(tmp_path / "good.jsonl", [{"prompt": "kept"}]))
-    before = file_sha256(st.catalog_path)
+    before = tree_digest(st.root)
     bad = tmp_path / "p.jsonl"
     bad.write_text(line)
     with pytest.raises(PromptError, match=message):
         add_prompts(st, bad)
-    assert file_sha256(st.catalog_path) == before
+    assert tree_digest(st.root) == before
     assert len(list((st.root / "prompts").glob("*.parquet"))) == 1
 
 

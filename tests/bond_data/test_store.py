@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 
 from bond_data import bon
-from bond_data.files import file_sha256
-from bond_data.store import StoreError, read_only_query
+from bond_data.store import Store, StoreError, read_only_query
 
-from testutil import run_generation, run_scoring
+from testutil import run_generation, run_scoring, tree_digest
 
 
 def test_orphan_and_temporary_files_are_removed(store):
@@ -50,10 +49,10 @@ def test_a_changed_reward_model_cannot_reuse_its_id(store):
 ])
 def test_sql_refuses_writes_and_changes_nothing(store, statement, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    before = file_sha256(store.catalog_path)
+    before = tree_digest(store.root)
     with pytest.raises(StoreError, match="read-only"):
         read_only_query(store, statement)
-    assert file_sha256(store.catalog_path) == before
+    assert tree_digest(store.root) == before
     assert not (tmp_path / "leak.csv").exists() and not (tmp_path / "other.duckdb").exists()
 
 
@@ -62,7 +61,80 @@ def test_sql_reads_views_from_any_directory(store, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     table = read_only_query(store, "SELECT count(*) AS c FROM candidates JOIN prompts USING (prompt_id)")
     assert table.to_pylist() == [{"c": 20}]
-    con = duckdb.connect(str(store.catalog_path), read_only=True)  # a plain DuckDB client can open it
-    con.execute("SET file_search_path = ?", [str(store.root)])
+    con = duckdb.connect()  # a plain DuckDB client, as the README shows
+    con.execute((store.root / "store.sql").read_text())
     assert con.sql("SELECT count(*) FROM candidates").fetchall() == [(20,)]
     con.close()
+
+
+def test_a_reader_held_open_never_blocks_registration_and_sees_a_snapshot(store):
+    run_generation(store, k=1)
+    notebook = duckdb.connect()  # the README's notebook route, left open
+    notebook.execute((store.root / "store.sql").read_text())
+    assert notebook.sql("SELECT count(*) FROM candidates").fetchall() == [(10,)]
+    run_generation(store, k=3)  # registers while the reader is open
+    assert notebook.sql("SELECT count(*) FROM candidates").fetchall() == [(10,)]  # its snapshot
+    notebook.execute((store.root / "store.sql").read_text())  # re-run: the newer shards
+    assert notebook.sql("SELECT count(*) FROM candidates").fetchall() == [(30,)]
+    notebook.close()
+
+
+def test_sql_reads_only_the_store(store, tmp_path):
+    outside = tmp_path / "outside.csv"
+    outside.write_text("secret\n1\n")
+    for sql in [f"SELECT * FROM read_csv('{outside}')", "SELECT * FROM read_text('/etc/passwd')",
+                "SELECT * FROM glob('/etc/*')"]:
+        with pytest.raises(StoreError, match="SQL error"):
+            read_only_query(store, sql)
+    inside = read_only_query(store, f"SELECT count(*) AS n FROM read_parquet('{store.root}/prompts/*.parquet')")
+    assert inside.to_pylist() == [{"n": 10}]
+
+
+def test_the_pool_and_the_planner_need_no_python_copy_of_the_store(store):
+    run_generation(store, k=2)
+    missing = list(store.missing_samples(0, 4, batch_rows=3))  # streamed in batches of 3 prompts
+    assert len(missing) == 10 and all(m["missing"] == [2, 3] for m in missing)
+    assert [m["prompt_id"] for m in missing] == sorted(m["prompt_id"] for m in missing)
+
+
+def test_an_older_duckdb_catalog_is_migrated_once(store, tmp_path):
+    """Stores written before the manifest catalog held one `catalog.duckdb`: `bond migrate` reads it."""
+    import shutil
+
+    run_generation(store, k=1)
+    legacy_root = tmp_path / "legacy"
+    shutil.copytree(store.root, legacy_root, ignore=shutil.ignore_patterns("_catalog", "store.sql"))
+    con = duckdb.connect(str(legacy_root / "catalog.duckdb"))
+    for table, cols in [("shards", "shard_id, kind, round, rm_id, path, num_rows, sha256, manifest::JSON AS manifest, registered_at::TIMESTAMP AS registered_at"),
+                        ("rounds", "round, anchor_path, anchor_hash, parent_round, config::JSON AS config, registered_at::TIMESTAMP AS registered_at"),
+                        ("reward_models", "*"), ("datasets", "*")]:
+        con.execute(f"CREATE TABLE {table} AS SELECT {cols} FROM read_parquet(?)",
+                    [sorted(str(p) for p in (store.root / "_catalog" / table).glob("*.parquet"))])
+    con.close()
+    legacy = Store(legacy_root)
+    with pytest.raises(StoreError, match="older version: run `bond migrate"):
+        legacy.query("SELECT 1")
+    from flows.cli import main
+
+    assert main(["migrate", "--store", str(legacy_root)]) == 0
+    assert legacy.query("SELECT count(*) AS n FROM candidates").to_pylist() == [{"n": 10}]
+    assert legacy.anchor(0)["anchor_hash"] == store.anchor(0)["anchor_hash"]
+
+
+def test_the_duckdb_cli_from_pip_reads_the_store(store, tmp_path):
+    """`duckdb-cli` (1.5, what `pip install duckdb-cli` gives; a dev dependency) runs store.sql."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = shutil.which("duckdb", path=str(Path(sys.executable).parent)) or shutil.which("duckdb")
+    if cli is None:
+        pytest.skip("duckdb-cli is not installed here (make setup installs it)")
+    run_generation(store, k=2)
+    run_scoring(store)
+    out = subprocess.run([cli, "-init", str(store.root / "store.sql"), "-csv", "-c",
+                          "SELECT count(*) AS n, sum(bon_weight) / count(*) AS w FROM bon_pool(4)"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-2:] == ["n,w", "20,1.0"]

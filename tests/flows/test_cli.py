@@ -1,14 +1,15 @@
 """The CLI's error paths: a clear message, exit code 2, nothing changed."""
 
 from flows.cli import main
-from bond_data.files import file_sha256
+
+from testutil import tree_digest
 
 
 def test_sql_refuses_a_write_with_exit_code_2(store, capsys):
-    before = file_sha256(store.catalog_path)
+    before = tree_digest(store.root)
     assert main(["sql", "--store", str(store.root), "DROP TABLE shards"]) == 2
     assert "read-only" in capsys.readouterr().err
-    assert file_sha256(store.catalog_path) == before
+    assert tree_digest(store.root) == before
 
 
 def test_sql_formats(store, capsys):
@@ -40,3 +41,10 @@ def test_train_online_from_the_cli(untrained_model, prompt_file, tmp_path, capsy
     assert '"steps": 2' in capsys.readouterr().out
     assert (out / "model.safetensors").is_file() and (out / "anchor" / "model.safetensors").is_file()
     assert len((tmp_path / "jbond-metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_misspelt_store_is_an_error_and_creates_nothing(tmp_path, capsys):
+    for argv in (["generate", "--store", str(tmp_path / "typo")], ["build", "--store", str(tmp_path / "typo"), "--n", "2"]):
+        assert main(argv) == 2
+        assert "no BOND store at" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()

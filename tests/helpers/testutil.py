@@ -23,3 +23,15 @@ def run_generation(store, k, round_=0, shard_prompts=4, max_new_tokens=8) -> int
 def run_scoring(store, spec=REWARD, round_=0, rm_id=None) -> str:
     """Score without Prefect; the reward model's id."""
     return stages.score_round(store, round_, spec, rm_id)["rm_id"]
+
+
+def tree_digest(root) -> dict[str, str]:
+    """Every file under a folder with its sha256: equal digests mean a byte-for-byte unchanged store.
+    The writer lease's lock file is left out: taking the lease records its holder there."""
+    from pathlib import Path
+
+    from bond_data.files import file_sha256
+
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): file_sha256(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "writer.lock"}
