@@ -9,34 +9,91 @@ these objects, only plain arguments. The trainer's configs live in `trainer/conf
 from __future__ import annotations
 
 import argparse
+import stat
 import typing
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or flag that cannot be used; the message names the file, line and field."""
 
 
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silent default
+    # A misspelt key is an error, not a silent default; strict types: `k: true` is not k = 1
+    # (an int where a float is expected is still fine).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     @classmethod
     def load(cls, path: str | Path | None = None, defaults: dict | None = None, **overrides):
         """Field defaults <- `defaults` <- YAML file <- overrides whose value is not None."""
         data = dict(defaults or {})
         if path is not None:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise ValueError(f"{path}: expected a mapping of config keys")
-            data.update(loaded)
+            data.update(read_yaml_mapping(path))
         data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(data)
+        return cls.validate_as(data, str(path) if path is not None else "flags")
+
+    @classmethod
+    def validate_as(cls, data: dict, source: str):
+        """model_validate, with every problem in one line naming the source and the field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(f"{source}: {validation_summary(e)}") from None
 
     @classmethod
     def from_flags(cls, args: argparse.Namespace, defaults: dict | None = None):
         """`load` of the `--config` file (if any) and the parsed flags that name a field."""
         flags = {k: v for k, v in vars(args).items() if k in cls.model_fields and v is not None}
         return cls.load(getattr(args, "config", None), defaults, **flags)
+
+
+def validation_summary(e: ValidationError) -> str:
+    """Pydantic's errors as one line: "field 'k': Input should be a valid integer (got True); ..."."""
+    parts = []
+    for err in e.errors():
+        field = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        got = f" (got {err['input']!r:.40})" if err["type"] not in ("missing", "extra_forbidden") else ""
+        message = "unknown key (misspelt?)" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"field '{field}': {message}{got}")
+    return "; ".join(parts)
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few lines; anything this big is not one
+
+
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML config file as a dict, or ConfigError naming the file (and line) of the problem."""
+    path = Path(path)
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{path}: not a regular file")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {info.st_size} bytes is too large for a config file")
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: YAML syntax error ({e.problem})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: YAML error ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type[Config], skip: tuple[str, ...] = ()) -> None:
@@ -61,6 +118,9 @@ def _flag_type(annotation) -> tuple[type, list | None]:
     return str, None
 
 
+DEVICE_PATTERN = r"^(cpu|cuda(:\d+)?|mps)$"
+
+
 class RunnerConfig(Config):
     runner: Literal["thread", "dask"] = Field("thread", description="shard fan-out: Prefect's thread pool or Dask")
     dask_address: str | None = Field(None, description="an existing Dask scheduler; none starts a LocalCluster")
@@ -77,7 +137,7 @@ class GenerateConfig(RunnerConfig):
     backend: Literal["transformers", "vllm"] = Field("transformers", description="vllm needs a CUDA GPU")
     batch_size: int = Field(64, ge=1, description="sequences per forward pass (prompts x samples)")
     shard_prompts: int = Field(32, ge=1, description="prompts per shard: the unit of work, retry and skip")
-    device: str | None = Field(None, description="cpu, cuda, ...; none picks cuda when available")
+    device: str | None = Field(None, pattern=DEVICE_PATTERN, description="cpu, cuda, cuda:N or mps; none picks cuda when available")
     # vLLM engine arguments (backend vllm only)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory the engine reserves")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one model is split across")
@@ -96,7 +156,7 @@ class ScoreConfig(RunnerConfig):
     rm: str = Field(description="reward model: a local sequence-classification folder, or module:function")
     rm_id: str | None = Field(None, description="id in the store; defaults to the folder or function name")
     batch_size: int = Field(32, ge=1, description="micro-batch size; micro-batches are sorted by length")
-    device: str | None = Field(None, description="cpu, cuda, ...; none picks cuda when available")
+    device: str | None = Field(None, pattern=DEVICE_PATTERN, description="cpu, cuda, cuda:N or mps; none picks cuda when available")
 
 
 class BuildConfig(Config):

@@ -14,11 +14,12 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING
 
 from bond_data.errors import StoreError
+
+if TYPE_CHECKING:  # pyarrow starts native threads when imported: `bond sql` imports it later
+    import pyarrow as pa
 
 CHECKPOINT_EXTRAS = ("trainer_state.pt", "manifest.json")  # beside a model, not part of its identity
 
@@ -55,6 +56,26 @@ def _fsync_tree(path: Path) -> None:
             os.fsync(handle.fileno())
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would, for a moment, in every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _share(path: Path) -> None:
+    """Give what we wrote the umask's usual modes (0644 files, 0755 folders with the default umask):
+    some writers (safetensors, tempfile) create 0600 files that a teammate sharing the store
+    could not read."""
+    umask = _umask()
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path, keep_existing: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to write a file or a folder into; when the block ends
@@ -71,6 +92,7 @@ def atomic_path(path: Path, keep_existing: Callable[[Path], bool] | None = None)
         if keep_existing is not None and keep_existing(path):
             return
         _fsync_tree(tmp)
+        _share(tmp)
         if tmp.is_dir() and path.is_dir():
             shutil.rmtree(path)  # rename cannot replace a non-empty folder
         os.replace(tmp, path)
@@ -82,6 +104,8 @@ def atomic_path(path: Path, keep_existing: Callable[[Path], bool] | None = None)
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    import pyarrow.parquet as pq
+
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
 

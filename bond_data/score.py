@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import inspect
 import math
+import numbers
 import re
 import threading
 from collections.abc import Callable
@@ -107,10 +108,14 @@ def _sequence_classifier(folder: str, device: str | None) -> Callable[[list[tupl
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     dev = resolve_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForSequenceClassification.from_pretrained(folder).to(dev).eval()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise RewardError(f"reward model {folder}: cannot load a sequence-classification model "
+                          f"({str(e).splitlines()[0][:160]})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForSequenceClassification.from_pretrained(folder).to(dev).eval()
     if model.config.num_labels != 1:
         raise RewardError(f"reward model {folder}: expected one output logit, the model has {model.config.num_labels}")
     if model.config.pad_token_id is None:
@@ -131,20 +136,40 @@ def _sequence_classifier(folder: str, device: str | None) -> Callable[[list[tupl
 
 
 def score_pairs(score_batch: Callable, pairs: list[tuple[str, str]], batch_size: int,
-                sort_by_length: bool = True) -> list[float]:
-    """Rewards in input order, computed in micro-batches of similar length."""
+                sort_by_length: bool = True, name: str = "reward model") -> list[float]:
+    """Rewards in input order, computed in micro-batches of similar length. Whatever the reward
+    model raises or returns that is not one real number per pair is a RewardError naming it."""
     order = list(range(len(pairs)))
     if sort_by_length:
         order.sort(key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     rewards: list[float] = [math.nan] * len(pairs)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        out = list(score_batch([pairs[i] for i in idx]))
-        if len(out) != len(idx):
-            raise RewardError(f"reward model returned {len(out)} rewards for a batch of {len(idx)}")
-        for i, r in zip(idx, out):
-            rewards[i] = float(r)
+        for i, r in zip(idx, _call(score_batch, [pairs[i] for i in idx], name)):
+            rewards[i] = r
     return rewards
+
+
+def _call(score_batch: Callable, batch: list[tuple[str, str]], name: str) -> list[float]:
+    try:
+        out = score_batch(batch)
+    except Exception as e:  # the user's code: any failure is theirs to fix, and deterministic
+        raise RewardError(f"{name} raised {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from None
+    if isinstance(out, str | bytes) or not hasattr(out, "__len__"):
+        raise RewardError(f"{name} returned {type(out).__name__}, not a list of {len(batch)} numbers")
+    out = list(out)
+    if len(out) != len(batch):
+        raise RewardError(f"{name} returned {len(out)} rewards for a batch of {len(batch)}")
+    return [_real(x, name) for x in out]
+
+
+def _real(x, name: str) -> float:
+    """A reward as a float: Python and numpy reals, 0-d tensors; never a bool or a string."""
+    if hasattr(x, "item") and not isinstance(x, numbers.Real):
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise RewardError(f"{name} returned {x!r:.40} ({type(x).__name__}); rewards must be real numbers")
+    return float(x)
 
 
 def check_finite(rewards, describe: Callable[[int], str]) -> None:
@@ -174,7 +199,8 @@ def score_shard(store_root: str, candidates: dict, prompt_files: list[str], spec
     store = Store(store_root)
     rm = load_reward_model(spec, rm_id, device)
     rows = shard_rows(store.root, candidates, prompt_files)
-    rewards = score_pairs(rm.score_batch, [(r["prompt"], r["completion"]) for r in rows], batch_size)
+    rewards = score_pairs(rm.score_batch, [(r["prompt"], r["completion"]) for r in rows], batch_size,
+                          name=f"reward model {rm.rm_id} ({spec})")
     check_finite(rewards, lambda i: f"reward model {rm.rm_id} ({spec}) returned {rewards[i]} for candidate "
                  f"{rows[i]['candidate_id']} (prompt {rows[i]['prompt_id']}, shard {candidates['path']}); nothing was written")
     table = pa.Table.from_pylist(
@@ -187,6 +213,18 @@ def score_shard(store_root: str, candidates: dict, prompt_files: list[str], spec
     out = store.root / "scores" / f"round={round_}" / f"rm={rm.rm_id}" / f"shard={candidates['shard_id']}.parquet"
     write_parquet_atomic(table, out)
     return shard_manifest(store.root, out, "scores", shard_id, round=round_, rm_id=rm.rm_id, rm_hash=rm.rm_hash)
+
+
+def try_reward_model(store_root: str, candidates: dict, prompt_files: list[str], spec: str, rm_id: str,
+                     device: str | None = None, rows: int = 2) -> None:
+    """Score the first `rows` candidates of a shard: a reward model that raises, returns the wrong
+    shape or type, or a non-finite number fails here, once, before any shard is fanned out."""
+    rm = load_reward_model(spec, rm_id, device)
+    sample = shard_rows(Path(store_root), candidates, prompt_files)[:rows]
+    rewards = score_pairs(rm.score_batch, [(r["prompt"], r["completion"]) for r in sample], rows,
+                          name=f"reward model {rm.rm_id} ({spec})")
+    check_finite(rewards, lambda i: f"reward model {rm.rm_id} ({spec}) returned {rewards[i]} for candidate "
+                 f"{sample[i]['candidate_id']} (shard {candidates['path']}); nothing was written")
 
 
 def plan_scoring(store: Store, round_: int, rm_id: str) -> list[dict]:

@@ -37,11 +37,19 @@ def register_as_completed(store: Store, manifests: Iterable[dict]) -> int:
 
 
 # ---- generate ----------------------------------------------------------------------------------
-def plan_generate(store: Store, round_: int, k: int, shard_prompts: int) -> tuple[dict, list[dict]]:
-    """The round's anchor and the shards still missing, after deleting a killed run's orphans."""
+def check_generate(store: Store, round_: int) -> dict:
+    """The round's anchor, or a StoreError saying how to register one (the CLI checks this before
+    Prefect starts)."""
     anchor = store.anchor(round_)
     if anchor is None:
-        raise StoreError(f"round {round_} has no registered anchor: run `bond init --anchor DIR` first")
+        hint = "run `bond init --anchor DIR` first" if round_ == 0 else f"train round {round_ - 1} first (`bond train`)"
+        raise StoreError(f"round {round_} has no registered anchor: {hint}")
+    return anchor
+
+
+def plan_generate(store: Store, round_: int, k: int, shard_prompts: int) -> tuple[dict, list[dict]]:
+    """The round's anchor and the shards still missing, after deleting a killed run's orphans."""
+    anchor = check_generate(store, round_)
     store.remove_orphans(f"candidates/round={round_}")
     return anchor, generate.plan_generation(store, round_, k, shard_prompts)
 
@@ -58,26 +66,59 @@ def generate_round(store: Store, round_: int, k: int, sampling: Sampling, shard_
 
 
 # ---- score -------------------------------------------------------------------------------------
-def plan_score(store: Store, round_: int, spec: str, rm_id: str | None) -> tuple[str, list[dict], list[str]]:
-    """(rm_id, the round's candidates shards it has not scored, the prompt files to read)."""
+def check_score(store: Store, round_: int, spec: str, rm_id: str | None, device: str | None = None) -> str:
+    """Everything about a scoring run that can fail before any work: the spec, a changed reward
+    model under a registered id, a round with no candidates, and the reward model itself on one
+    small batch of the round. Returns the reward model's id; registers nothing."""
     rid, rhash = score.describe_reward_model(spec, rm_id)
-    store.register_reward_model(rid, rhash, spec)
+    store.check_reward_model(rid, rhash, spec)
+    shards = store.registered_shards("candidates", round_)
+    if not shards:
+        raise StoreError(f"round {round_} has no candidates: run `bond generate --round {round_}` first")
+    prompt_files = [m["path"] for m in store.registered_shards("prompts")]
+    score.try_reward_model(str(store.root), shards[0], prompt_files, spec, rid, device)
+    return rid
+
+
+def plan_score(store: Store, round_: int, spec: str, rm_id: str | None) -> tuple[str, str, list[dict], list[str]]:
+    """(rm_id, rm_hash, the round's candidates shards it has not scored, the prompt files to read).
+    Refuses a changed reward model under a registered id; registers nothing."""
+    rid, rhash = score.describe_reward_model(spec, rm_id)
+    store.check_reward_model(rid, rhash, spec)
     store.remove_orphans(f"scores/round={round_}/rm={rid}")
     prompt_files = [m["path"] for m in store.registered_shards("prompts")]
-    return rid, score.plan_scoring(store, round_, rid), prompt_files
+    return rid, rhash, score.plan_scoring(store, round_, rid), prompt_files
 
 
 def score_round(store: Store, round_: int, spec: str, rm_id: str | None = None, batch_size: int = 32,
                 device: str | None = None, run_shards: ShardRunner = run_serially) -> dict:
-    """Score the round's unscored candidates shards with one reward model."""
+    """Score the round's unscored candidates shards with one reward model, tried first on one small
+    batch. The reward model is registered with its first scored shard: a run that scores nothing
+    registers nothing."""
     with store.writing(f"bond score --round {round_} --rm {spec}"):
-        rid, todo, prompt_files = plan_score(store, round_, spec, rm_id)
+        rid, rhash, todo, prompt_files = plan_score(store, round_, spec, rm_id)
+        if todo:
+            score.try_reward_model(str(store.root), todo[0], prompt_files, spec, rid, device)
         calls = [(str(store.root), m, prompt_files, spec, rid, batch_size, device) for m in todo]
-        done = register_as_completed(store, run_shards(score.score_shard, calls))
+
+        def with_reward_model(manifests: Iterable[dict]) -> Iterable[dict]:
+            for i, manifest in enumerate(manifests):
+                if i == 0:
+                    store.register_reward_model(rid, rhash, spec)
+                yield manifest
+
+        done = register_as_completed(store, with_reward_model(run_shards(score.score_shard, calls)))
     return {"round": round_, "rm_id": rid, "shards_scored": done}
 
 
 # ---- build -------------------------------------------------------------------------------------
+def check_build(store: Store, round_: int, rm_id: str | None) -> str:
+    """The reward model the dataset would use, if the round is fully scored by it."""
+    rid = build.resolve_rm(store, round_, rm_id)
+    build.check_complete(store, round_, rid)
+    return rid
+
+
 def build_round(store: Store, round_: int, n: int, rm_id: str | None = None) -> dict:
     """Write (or find) the round's Best-of-n weighted dataset; its catalog record and summary."""
     return build.build_dataset(store, round_, n, rm_id)

@@ -25,6 +25,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,7 +40,7 @@ from bond_data import catalog, schema
 from bond_data.errors import StoreError
 from bond_data.files import file_sha256, is_temporary, write_text_atomic
 
-__all__ = ["Store", "StoreError", "read_only_query", "reader_script", "shard_manifest"]
+__all__ = ["QueryInterrupted", "QueryTimeout", "Store", "StoreError", "check_read_only", "read_only_query", "reader_script", "shard_manifest"]
 
 VIEWS = {"prompts": schema.PROMPTS, "candidates": schema.CANDIDATES, "scores": schema.SCORES}
 
@@ -97,9 +101,6 @@ ANTI JOIN (SELECT prompt_id, sample_index FROM candidates WHERE round = $round) 
 GROUP BY p.prompt_id, p.prompt, p.messages
 ORDER BY p.prompt_id
 """
-
-ALLOWED_READ_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
-
 
 def _literal(text: str) -> str:
     """A SQL string literal's body (our own paths; quotes doubled)."""
@@ -171,7 +172,10 @@ class Store:
         once with a message naming this one. Re-entrant within a process."""
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"{self.root} is a file, not a store folder")
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"{self.root}: cannot create the store folder ({e.strerror})") from None
         outermost = not catalog.holds_lease(self.root)
         with catalog.writer_lease(self.root, command):
             if outermost:
@@ -231,14 +235,19 @@ class Store:
                     "round": round_, "anchor_path": anchor_path, "anchor_hash": anchor_hash,
                     "parent_round": parent_round, "config": json.dumps(config or {})}])
 
+    def check_reward_model(self, rm_id: str, rm_hash: str, spec: str) -> bool:
+        """Whether the id is registered (with this hash); a changed reward model under a registered
+        id is refused. Registers nothing."""
+        rows = self.query("SELECT rm_hash, spec FROM reward_models WHERE rm_id = ?", [rm_id]).to_pylist()
+        if rows and rows[0]["rm_hash"] != rm_hash:
+            raise StoreError(
+                f"reward model id {rm_id!r} is registered with hash {rows[0]['rm_hash']} ({rows[0]['spec']}); "
+                f"{spec} hashes to {rm_hash}. Give the changed reward model a new --rm-id.")
+        return bool(rows)
+
     def register_reward_model(self, rm_id: str, rm_hash: str, spec: str) -> None:
         with self.writing(f"register reward model {rm_id}"):
-            rows = self.query("SELECT rm_hash, spec FROM reward_models WHERE rm_id = ?", [rm_id]).to_pylist()
-            if rows and rows[0]["rm_hash"] != rm_hash:
-                raise StoreError(
-                    f"reward model id {rm_id!r} is registered with hash {rows[0]['rm_hash']} ({rows[0]['spec']}); "
-                    f"{spec} hashes to {rm_hash}. Give the changed reward model a new --rm-id.")
-            if not rows:
+            if not self.check_reward_model(rm_id, rm_hash, spec):
                 catalog.append(self.root, "reward_models", [{"rm_id": rm_id, "rm_hash": rm_hash, "spec": spec}])
 
     def register_dataset(self, record: dict) -> None:
@@ -259,7 +268,12 @@ class Store:
             raise StoreError(f"no catalog at {self.catalog_dir}: is {self.root} a BOND store?")
         con = duckdb.connect(":memory:")
         try:
-            con.execute(reader_script(self.root))
+            try:
+                con.execute(reader_script(self.root))
+            except duckdb.IOException:
+                raise  # a compaction deleted a file between glob and read: Store.query retries
+            except duckdb.Error as e:
+                raise StoreError(f"cannot open the catalog of {self.root}: {_one_line(e)}") from None
             yield con
         finally:
             con.close()
@@ -353,33 +367,113 @@ def _migrate(legacy: Path, root: Path) -> None:
         con.close()
 
 
-def read_only_query(store: Store, sql: str) -> pa.Table:
-    """Run an analyst's SQL: only SELECT / EXPLAIN statements, on an in-memory snapshot that can
-    read no file outside the store.
+class QueryInterrupted(StoreError):
+    """The analyst's query was stopped by Ctrl-C."""
 
-    Checking the statement type first matters: the sandbox confines file access to the store's
-    folder, but COPY ... TO or ATTACH could still write inside it.
-    """
+
+class QueryTimeout(StoreError):
+    """The analyst's query ran past its --timeout."""
+
+
+_EXPLAIN = re.compile(r"^\s*EXPLAIN\b\s*(?:\([^()]*\)\s*)?(?:ANALY[SZ]E\b\s*)?(?P<inner>.*)$", re.IGNORECASE | re.DOTALL)
+
+
+def check_read_only(sql: str) -> list:
+    """The statements of an analyst's SQL if every one is a SELECT (DESCRIBE, SHOW, SUMMARIZE and
+    FROM-first queries are SELECTs to DuckDB) or an EXPLAIN [ANALYZE] of exactly one SELECT;
+    StoreError otherwise. EXPLAIN ANALYZE runs the statement it explains, so its inner statement
+    is checked too; what cannot be parsed that way is refused (fail closed)."""
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as e:
-        raise StoreError(f"SQL does not parse: {e}") from None
+        raise StoreError(f"SQL does not parse: {_one_line(e)}") from None
     if not statements:
         raise StoreError("no SQL statement given")
     for st in statements:
-        if st.type not in ALLOWED_READ_STATEMENTS:
-            raise StoreError(
-                f"bond sql is read-only: refusing a {st.type.name} statement ({st.query.strip()[:60]!r}); "
-                "only SELECT, DESCRIBE/SHOW and EXPLAIN are allowed"
-            )
-    with store.reader() as con:
-        con.execute("SET allowed_directories = [?]", [str(store.root) + os.sep])
-        con.execute("SET enable_external_access = false")
-        con.execute("SET lock_configuration = true")
-        result = None
-        for st in statements:
+        kind = st.type.name
+        if st.type == duckdb.StatementType.EXPLAIN:
+            match = _EXPLAIN.match(st.query)
             try:
-                result = con.sql(st.query).to_arrow_table()
-            except duckdb.Error as e:
-                raise StoreError(f"SQL error: {e}") from None
-        return result
+                inner = duckdb.extract_statements(match.group("inner")) if match else []
+            except duckdb.Error:
+                inner = []
+            if len(inner) == 1 and inner[0].type == duckdb.StatementType.SELECT:
+                continue
+            kind = "EXPLAIN of a statement that is not a SELECT"
+        elif st.type == duckdb.StatementType.SELECT:
+            continue
+        raise StoreError(f"bond sql is read-only: refusing a {kind} ({st.query.strip()[:60]!r}); "
+                         "only SELECT, DESCRIBE/SHOW and EXPLAIN [ANALYZE] of a SELECT are allowed")
+    return statements
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def read_only_query(store: Store, sql: str, timeout: float | None = None) -> pa.Table:
+    """Run an analyst's SQL: only reading statements (`check_read_only`), on an in-memory snapshot
+    that can read no file outside the store. Ctrl-C (QueryInterrupted) or `timeout` seconds
+    (QueryTimeout) stop it within a moment, through DuckDB's own interrupt.
+
+    Why the signal mask: a Python SIGINT handler runs only once DuckDB returns, and when one of
+    DuckDB's (or pyarrow's) threads took the signal the query ran on. So, called from the main
+    thread, SIGINT is blocked (threads started later inherit the mask: `bond sql` blocks it before
+    pyarrow or DuckDB start any), and a watcher thread takes it with sigtimedwait and interrupts
+    the query. A process that started such threads earlier may still see a late Ctrl-C."""
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+        was_blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    stopped: dict = {}
+    try:
+        statements = check_read_only(sql)
+        with store.reader() as con:
+            con.execute("SET allowed_directories = [?]", [str(store.root) + os.sep])
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+            with _watch(con, timeout, main, stopped):
+                result = None
+                for st in statements:
+                    result = con.sql(st.query).to_arrow_table()
+                return result
+    except StoreError:
+        raise
+    except (duckdb.Error, RuntimeError) as e:
+        if stopped.get("by") == "timeout":
+            raise QueryTimeout(f"query stopped after --timeout {timeout:g} s") from None
+        if stopped.get("by") == "ctrl-c" or "interrupted" in str(e).lower():
+            raise QueryInterrupted("query interrupted (Ctrl-C)") from None
+        raise StoreError(f"SQL error: {_one_line(e)}") from None
+    finally:
+        if main and not was_blocked:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+@contextlib.contextmanager
+def _watch(con: duckdb.DuckDBPyConnection, timeout: float | None, take_sigint: bool, stopped: dict) -> Iterator[None]:
+    """A thread that interrupts `con` on a (blocked) SIGINT or once `timeout` seconds pass; it
+    records which in `stopped["by"]`."""
+    done = threading.Event()
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def watch() -> None:
+        while not done.is_set():
+            if take_sigint and signal.sigtimedwait({signal.SIGINT}, 0.05) is not None:
+                stopped["by"] = "ctrl-c"
+            elif not take_sigint:
+                done.wait(0.05)
+            if deadline is not None and time.monotonic() > deadline:
+                stopped["by"] = "timeout"
+            if "by" in stopped:  # again and again: an interrupt that lands before the query starts is lost
+                while not done.is_set():
+                    con.interrupt()
+                    done.wait(0.05)
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()

@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import flows  # noqa: F401  (sets Prefect's environment defaults before Prefect is imported)
@@ -35,6 +38,8 @@ RM_HELP = f"reward model: a sequence-classification folder or module:function (d
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bond", description="BOND: Best-of-N distillation pipeline")
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="show Prefect's own log lines (run and task states, its temporary server)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="the tiny task: rounds of Best-of-n distillation, a table and a plot")
@@ -94,21 +99,51 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True)
     p.add_argument("query")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--timeout", type=float, help="stop the query after this many seconds (exit code 124)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _quiet_prefect(args.verbose)
+    if args.command == "sql" and threading.current_thread() is threading.main_thread():
+        # Before pyarrow and DuckDB start their threads, which inherit the mask: Ctrl-C then reaches
+        # only the query's watcher (bond_data.store.read_only_query), which stops the query.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     from bond_data.errors import StoreError
     from bond_data.prompts import PromptError
     from bond_data.score import RewardError
 
+    from bond_data.store import QueryInterrupted, QueryTimeout
+
     try:
         with _writer_lease(args, argv if argv is not None else sys.argv[1:]):
             return COMMANDS[args.command](args) or 0
-    except (PromptError, RewardError, StoreError, ValueError) as e:
+    except QueryInterrupted as e:
         print(f"error: {e}", file=sys.stderr)
+        return 130
+    except QueryTimeout as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 124
+    except (PromptError, RewardError, StoreError, ValueError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, always
         return 2
+    except OSError as e:  # a file the user named: missing, unreadable, not a directory...
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); what was registered stays registered, a re-run resumes", file=sys.stderr)
+        return 130
+
+
+def _quiet_prefect(verbose: bool) -> None:
+    """Prefect's log lines (states of every run and task, its temporary server) stay off unless -v:
+    a failure is reported once, as our one `error:` line, and progress is ours to print."""
+    import logging
+
+    level = "INFO" if verbose else "CRITICAL"
+    os.environ["PREFECT_LOGGING_LEVEL"] = level  # for Prefect imported later, and its server
+    logging.getLogger("prefect").setLevel(level)  # for Prefect already imported (tests, notebooks)
 
 
 # Commands that write the store take its writer lease here, before Prefect or a model starts, so a
@@ -160,21 +195,33 @@ def cmd_prompts(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    from bond_data.stages import check_generate
+    from bond_data.store import Store
     from flows.stages import run_generate
 
-    print(json.dumps(run_generate(args.store, GenerateConfig.from_flags(args))))
+    cfg = GenerateConfig.from_flags(args)
+    check_generate(Store(args.store), cfg.round)  # before Prefect starts
+    print(json.dumps(run_generate(args.store, cfg)))
 
 
 def cmd_score(args) -> None:
+    from bond_data.stages import check_score
+    from bond_data.store import Store
     from flows.stages import run_score
 
-    print(json.dumps(run_score(args.store, ScoreConfig.from_flags(args, defaults={"rm": TINY_REWARD}))))
+    cfg = ScoreConfig.from_flags(args, defaults={"rm": TINY_REWARD})
+    check_score(Store(args.store), cfg.round, cfg.rm, cfg.rm_id, cfg.device)  # before Prefect starts
+    print(json.dumps(run_score(args.store, cfg)))
 
 
 def cmd_build(args) -> None:
+    from bond_data.stages import check_build
+    from bond_data.store import Store
     from flows.stages import run_build
 
-    record = run_build(args.store, BuildConfig.from_flags(args))
+    cfg = BuildConfig.from_flags(args)
+    check_build(Store(args.store), cfg.round, cfg.rm_id)  # before Prefect starts
+    record = run_build(args.store, cfg)
     print_summary(record, args.store)
 
 
@@ -197,22 +244,40 @@ def cmd_train_online(args) -> None:
     print(json.dumps(summary, default=str))
 
 
-def rounds_params(args) -> dict:
-    """generate / score / build / train sections: defaults <- YAML sections <- flags."""
-    import yaml
+SECTIONS = {"generate": GenerateConfig, "score": ScoreConfig, "build": BuildConfig, "train": TrainConfig}
 
-    sections = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
-    gen = GenerateConfig.model_validate({**sections.get("generate", {}), **({"k": args.k} if args.k else {})})
-    sco = ScoreConfig.model_validate({"rm": TINY_REWARD, **sections.get("score", {}), **({"rm": args.rm} if args.rm else {})})
-    bui = BuildConfig.model_validate({**sections.get("build", {}), **({"n": args.n} if args.n else {})})
-    tra = TrainConfig.model_validate(sections.get("train", {}))
-    return {"generate": gen.model_dump(), "score": sco.model_dump(), "build": bui.model_dump(), "train": tra.model_dump()}
+
+def rounds_params(args) -> dict:
+    """generate / score / build / train sections: defaults <- YAML sections <- flags. A section or
+    key that does not exist is an error, as in every other config."""
+    from bond_data.config import ConfigError, read_yaml_mapping
+
+    source = args.config or "flags"
+    sections = read_yaml_mapping(args.config) if args.config else {}
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {unknown} (misspelt?); sections are {list(SECTIONS)}")
+    for name, value in sections.items():
+        if not isinstance(value, dict | None):
+            raise ConfigError(f"{source}: section '{name}' must be a mapping of keys, got {type(value).__name__}")
+    flags = {"generate": {"k": args.k}, "score": {"rm": args.rm}, "build": {"n": args.n}, "train": {}}
+    defaults = {"score": {"rm": TINY_REWARD}}
+    return {name: cls.validate_as({**defaults.get(name, {}), **(sections.get(name) or {}),
+                                   **{k: v for k, v in flags[name].items() if v is not None}},
+                                  f"{source} [{name}]").model_dump()
+            for name, cls in SECTIONS.items()}
 
 
 def cmd_rounds(args) -> None:
+    from bond_data.score import describe_reward_model
+    from bond_data.stages import check_generate
+    from bond_data.store import Store
     from flows.round import bond_rounds
 
-    print(json.dumps(bond_rounds(str(Path(args.store).resolve()), args.num, **rounds_params(args)), default=str))
+    params = rounds_params(args)
+    check_generate(Store(args.store), 0)  # before Prefect starts
+    describe_reward_model(params["score"]["rm"], params["score"]["rm_id"])
+    print(json.dumps(bond_rounds(str(Path(args.store).resolve()), args.num, **params), default=str))
 
 
 def cmd_serve(args) -> None:
@@ -229,7 +294,7 @@ def cmd_serve(args) -> None:
 def cmd_sql(args) -> None:
     from bond_data.store import Store, read_only_query
 
-    table = read_only_query(Store(args.store), args.query)
+    table = read_only_query(Store(args.store), args.query, timeout=args.timeout)
     if args.format == "csv":
         import pyarrow.csv as pacsv
 

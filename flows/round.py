@@ -19,7 +19,7 @@ from flows.stages import run_build, run_generate, run_score
 from trainer.config import TrainConfig
 
 
-@flow(name="bond-curate-round", log_prints=True)
+@flow(name="bond-curate-round")
 def curate_round(store: str, generate: dict, score: dict, build: dict) -> dict:
     run_generate(store, GenerateConfig.model_validate(generate))
     scored = run_score(store, ScoreConfig.model_validate(score))
@@ -37,7 +37,7 @@ def train_task(store: str, cfg: dict) -> dict:
     return train(store, TrainConfig.model_validate(cfg))
 
 
-@flow(name="bond-rounds", log_prints=True)
+@flow(name="bond-rounds")
 def bond_rounds(store: str, num: int, generate: dict, score: dict, build: dict, train: dict) -> list[dict]:
     """Run rounds 0..num-1, each from the anchor the previous one registered."""
     st = Store(store)

@@ -21,6 +21,9 @@ from bond_data import generate, score, stages
 from bond_data.backends.base import Sampling
 from bond_data.config import BuildConfig, GenerateConfig, RunnerConfig, ScoreConfig
 from bond_data.store import Store, StoreError
+from flows.tether import tie_temporary_server
+
+tie_temporary_server()  # Prefect's temporary server dies with this process, kill -9 included
 
 
 def _transient(task, task_run, state) -> bool:
@@ -49,7 +52,7 @@ def prefect_shards(fn: Callable[..., dict], calls: list[tuple]) -> Iterable[dict
         yield future.result()
 
 
-@flow(name="bond-generate", log_prints=True)
+@flow(name="bond-generate")
 def generate_flow(store: str, cfg: dict) -> dict:
     c = GenerateConfig.model_validate(cfg)
     engine_args = c.engine_args() if c.backend == "vllm" else None
@@ -60,7 +63,7 @@ def generate_flow(store: str, cfg: dict) -> dict:
     return result
 
 
-@flow(name="bond-score", log_prints=True)
+@flow(name="bond-score")
 def score_flow(store: str, cfg: dict) -> dict:
     c = ScoreConfig.model_validate(cfg)
     result = stages.score_round(Store(store), c.round, c.rm, c.rm_id, c.batch_size, c.device,
@@ -69,7 +72,7 @@ def score_flow(store: str, cfg: dict) -> dict:
     return result
 
 
-@flow(name="bond-build", log_prints=True)
+@flow(name="bond-build")
 def build_flow(store: str, cfg: dict) -> dict:
     c = BuildConfig.model_validate(cfg)
     return stages.build_round(Store(store), c.round, c.n, c.rm_id)

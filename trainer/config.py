@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from bond_data.config import Config
+from bond_data.config import DEVICE_PATTERN, Config
 
 
 class TrainConfig(Config):
@@ -28,7 +28,7 @@ class TrainConfig(Config):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
     seed: int = Field(0, description="seed of the batch order")
-    device: str | None = Field(None, description="cpu, cuda, ...; none picks cuda when available (bf16 autocast on cuda)")
+    device: str | None = Field(None, pattern=DEVICE_PATTERN, description="cpu, cuda, cuda:N or mps; none picks cuda when available (bf16 autocast on cuda)")
 
 
 class OnlineConfig(Config):
@@ -42,7 +42,7 @@ class OnlineConfig(Config):
     max_grad_norm: float = Field(1.0, gt=0, description="global gradient-norm clip")
     gen_batch_size: int = Field(64, ge=1, description="sequences per generate() call and per reward-model call")
     seed: int = Field(0, description="sampling seeds and the prompt order derive from it")
-    device: str | None = Field(None, description="cpu, cuda, ...; none picks cuda when available (bf16 autocast on cuda)")
+    device: str | None = Field(None, pattern=DEVICE_PATTERN, description="cpu, cuda, cuda:N or mps; none picks cuda when available (bf16 autocast on cuda)")
 
 
 TINY_TRAIN = Path(__file__).resolve().parent / "configs" / "tiny.yaml"  # the demo's and the benchmark's settings

@@ -1,4 +1,7 @@
-"""Per-step training metrics: a JSONL file and a progress bar, on rank 0 only."""
+"""Per-step training metrics: a JSONL file and a progress bar, on rank 0 only.
+
+A run resumed from the checkpoint of step S keeps the file's lines up to step S and drops the
+later ones (written after that checkpoint, before the crash): the file holds each step once."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ class MetricsLog:
         from rich.progress import Progress
 
         path.parent.mkdir(parents=True, exist_ok=True)
+        _truncate_after(path, start)
         self.file = open(path, "a")
         self.progress = Progress(transient=True)
         self.progress.start()
@@ -31,3 +35,20 @@ class MetricsLog:
         if not self.rank:
             self.progress.stop()
             self.file.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep the lines of steps <= `step` (a torn last line is dropped too)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    from bond_data.files import write_text_atomic
+
+    write_text_atomic("".join(k + "\n" for k in kept), path)

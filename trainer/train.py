@@ -179,7 +179,7 @@ def _checkpoint(folder: Path, policy, tokenizer, opt, sched, ema, step: int, ran
 
 
 def _restore(folder: Path, opt, sched, ema) -> int:
-    state = torch.load(folder / "trainer_state.pt", weights_only=False)
+    state = torch.load(folder / "trainer_state.pt", weights_only=True)  # tensors and plain data only: no code runs
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     if ema is not None and state["ema"] is not None:

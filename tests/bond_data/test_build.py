@@ -48,7 +48,7 @@ def test_a_round_not_fully_scored_is_refused_with_the_count(store):
     from bond_data import score, stages
 
     run_generation(store, k=2)  # 3 shards of 4, 4, 2 prompts
-    rm_id, todo, prompt_files = stages.plan_score(store, 0, REWARD, None)
+    rm_id, _, todo, prompt_files = stages.plan_score(store, 0, REWARD, None)
     store.register_shards([score.score_shard(str(store.root), todo[0], prompt_files, REWARD, rm_id)])  # 1 of 3
     unscored = 20 - todo[0]["num_rows"]
     with pytest.raises(StoreError, match=rf"round 0: 2 of 3 candidates shards \({unscored} candidates\) have no scores"):

@@ -15,3 +15,35 @@ def length(batch):
 def nan_on_third(batch):
     """Valid except for the third pair it is ever asked about in a batch: must be caught."""
     return [math.nan if i == 2 else 1.0 for i, _ in enumerate(batch)]
+
+
+def raises(batch):
+    raise ZeroDivisionError("the reward model's own bug")
+
+
+def returns_none(batch):
+    return None
+
+
+def returns_scalar(batch):
+    return 0.5
+
+
+def one_too_few(batch):
+    return [1.0] * (len(batch) - 1)
+
+
+def strings(batch):
+    return ["0.5"] * len(batch)
+
+
+def booleans(batch):
+    return [True] * len(batch)
+
+
+def slow_letter_count(batch):
+    """letter_count, slowly (a kill lands mid-run)."""
+    import time
+
+    time.sleep(0.4)
+    return letter_count(batch)

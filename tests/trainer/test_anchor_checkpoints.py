@@ -31,3 +31,31 @@ def test_checkpoints_are_atomic_and_verified(tmp_path, untrained_model):
     assert latest_checkpoint(tmp_path / "run").name == "step-10"
     assert json.loads((tmp_path / "run" / "step-10" / "manifest.json").read_text())["step"] == 10
     assert not list((tmp_path / "run").glob(".*tmp*"))
+
+
+def test_checkpoint_files_are_readable_by_the_team(tmp_path, untrained_model):
+    """safetensors writes 0600 files; a shared store needs them readable (0644 with umask 022)."""
+    import os
+    import stat
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "ckpt", AutoModelForCausalLM.from_pretrained(untrained_model),
+                        AutoTokenizer.from_pretrained(untrained_model))
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ckpt").iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}
+
+
+def test_metrics_of_a_resumed_run_keep_each_step_once(tmp_path):
+    from trainer.metrics import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)) + '{"step": 8, "lo')
+    log = MetricsLog(path, rank=0, total=10, start=4)  # resumed from the step-4 checkpoint
+    log.write(5, {"loss": 0.5, "tokens": 10}, 1.0, 1e-3)
+    log.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
