@@ -78,9 +78,10 @@ def score_round(store: Store, round_: int, spec: str, rm_id: str | None = None, 
 
 
 # ---- build -------------------------------------------------------------------------------------
-def build_round(store: Store, round_: int, n: int, rm_id: str | None = None) -> dict:
+def build_round(store: Store, round_: int, n: int, rm_id: str | None = None, weighting: str = "unbiased",
+                target: str = "anchor") -> dict:
     """Write (or find) the round's Best-of-n weighted dataset; its catalog record and summary."""
-    return build.build_dataset(store, round_, n, rm_id)
+    return build.build_dataset(store, round_, n, rm_id, weighting, target)
 
 
 def curate_round(store: Store, round_: int, k: int, reward: str, n: int, max_new_tokens: int = 16) -> dict:

@@ -255,7 +255,8 @@ def print_summary(record: dict, store: str) -> None:
     from rich.table import Table
 
     card = record["card"]
-    t = Table(title=f"dataset {record['dataset_id']} (round {record['round']}, Best-of-{record['n']}, rm {record['rm_id']})")
+    t = Table(title=f"dataset {record['dataset_id']} (round {record['round']}, Best-of-{record['n']}, "
+                    f"{record.get('weighting', 'pool')} weights, rm {record['rm_id']})")
     t.add_column("metric")
     t.add_column("value", justify="right")
     rows = [("prompts", card["prompts"]), ("candidates", card["candidates"]),
