@@ -44,6 +44,8 @@ def main() -> None:
              "completion": torch.randint(3, 32000, (96,), generator=g).tolist(),
              "weight": float(torch.rand(1, generator=g)) * 2, "logp_anchor": -96 * math.log(32000)}
             for _ in range(args.micro_batch_size * args.grad_accum)]
+    for r in rows:  # the backward term's (pool) weight: here the same as the forward one
+        r["weight_pool"] = r["weight"]
     micro = [rows[i : i + args.micro_batch_size] for i in range(0, len(rows), args.micro_batch_size)]
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
     params = sum(p.numel() for p in policy.parameters())

@@ -163,3 +163,9 @@ class BuildConfig(Config):
     round: int = Field(0, ge=0, description="the round whose pool is weighted")
     n: int = Field(8, ge=1, description="the N of Best-of-N that the dataset's weights target")
     rm_id: str | None = Field(None, description="reward model id; required when the round has several")
+    weighting: Literal["unbiased", "pool"] = Field(
+        "unbiased", description="unbiased: exact Best-of-N of the anchor (needs n <= k); pool: Best-of-N drawn with "
+        "replacement from the pool (weaker when n is near k, never 0)")
+    target: Literal["anchor", "sampler"] = Field(
+        "anchor", description="anchor: refuse pools sampled at temperature or top_p != 1; sampler: distil Best-of-N of "
+        "that sampler (its log-probs stand in for the anchor's)")

@@ -112,16 +112,17 @@ def score_round(store: Store, round_: int, spec: str, rm_id: str | None = None, 
 
 
 # ---- build -------------------------------------------------------------------------------------
-def check_build(store: Store, round_: int, rm_id: str | None) -> str:
-    """The reward model the dataset would use, if the round is fully scored by it."""
-    rid = build.resolve_rm(store, round_, rm_id)
-    build.check_complete(store, round_, rid)
-    return rid
+def check_build(store: Store, round_: int, n: int, rm_id: str | None, weighting: str = "unbiased",
+                target: str = "anchor") -> str:
+    """The reward model the dataset would use, if the round can be built (the CLI checks this before
+    Prefect starts): fully scored, sampled as the target requires, pools of at least n."""
+    return build.check_buildable(store, round_, n, rm_id, weighting, target)
 
 
-def build_round(store: Store, round_: int, n: int, rm_id: str | None = None) -> dict:
+def build_round(store: Store, round_: int, n: int, rm_id: str | None = None, weighting: str = "unbiased",
+                target: str = "anchor") -> dict:
     """Write (or find) the round's Best-of-n weighted dataset; its catalog record and summary."""
-    return build.build_dataset(store, round_, n, rm_id)
+    return build.build_dataset(store, round_, n, rm_id, weighting, target)
 
 
 def curate_round(store: Store, round_: int, k: int, reward: str, n: int, max_new_tokens: int = 16) -> dict:

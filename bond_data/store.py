@@ -48,6 +48,14 @@ VIEWS = {"prompts": schema.PROMPTS, "candidates": schema.CANDIDATES, "scores": s
 # Count each reward level of a pool, take the running sum over levels (<=), subtract the level's
 # own count (<), and join back: the window runs over distinct levels, not over every candidate,
 # which made it 1.3x faster than rank() / count(*) windows over all rows (bench/weights.py).
+#
+# `bon_pool(n)` adds both Best-of-n weightings (bond_data/bon.py is the numpy reference):
+#   bon_weight       unbiased: k (C(le, n) - C(lt, n)) / (C(k, n) (le - lt)); NULL where n > k.
+#                    C(a, n) / C(k, n) as exp of lgamma sums (lgamma arguments kept >= 1: the DuckDB
+#                    1.5 CLI refuses lgamma(0)); without a tie (le - lt = 1) the one-term form
+#                    n C(le-1, n-1) / C(k-1, n-1), with no subtraction. Relative error about
+#                    1e-16 * lgamma(k), 1e-9 at k = 10^6; numpy is exact to 1e-12 there.
+#   bon_weight_pool  pool: (p_le^n - p_lt^n) / (p_le - p_lt), Best-of-n with replacement; never 0.
 POOL_VIEW = """
 CREATE OR REPLACE TEMP VIEW pool AS
 WITH levels AS (
@@ -58,23 +66,43 @@ cumulative AS (
            sum(c) OVER (PARTITION BY round, prompt_id, rm_id) AS k
     FROM levels)
 SELECT s.round, s.prompt_id, s.candidate_id, s.rm_id, s.reward,
-       ((q.le - q.c) / q.k)::DOUBLE AS p_lt, (q.le / q.k)::DOUBLE AS p_le, q.k::BIGINT AS k
+       ((q.le - q.c) / q.k)::DOUBLE AS p_lt, (q.le / q.k)::DOUBLE AS p_le, q.k::BIGINT AS k,
+       (q.le - q.c)::BIGINT AS lt, q.le::BIGINT AS le
 FROM scores s JOIN cumulative q USING (round, prompt_id, rm_id, reward);
+CREATE OR REPLACE TEMP MACRO bon_choose_ratio(a, n, k) AS
+    CASE WHEN a >= n THEN exp(lgamma(greatest(a, 0) + 1) - lgamma(greatest(a - n, 0) + 1)
+                              - lgamma(k + 1) + lgamma(greatest(k - n, 0) + 1)) ELSE 0 END;
+CREATE OR REPLACE TEMP MACRO unbiased_bon_weight(lt, le, k, n) AS
+    CASE WHEN n > k THEN NULL
+         WHEN le - lt = 1 THEN n * bon_choose_ratio(le - 1, n - 1, k - 1)
+         ELSE k * (bon_choose_ratio(le, n, k) - bon_choose_ratio(lt, n, k)) / (le - lt) END;
+CREATE OR REPLACE TEMP MACRO pool_bon_weight(p_lt, p_le, n) AS (pow(p_le, n) - pow(p_lt, n)) / (p_le - p_lt);
 CREATE OR REPLACE TEMP MACRO bon_pool(n) AS TABLE
-SELECT *, (pow(p_le, n) - pow(p_lt, n)) / (p_le - p_lt) AS bon_weight FROM pool;
+SELECT *, unbiased_bon_weight(lt, le, k, n) AS bon_weight, pool_bon_weight(p_lt, p_le, n) AS bon_weight_pool
+FROM pool;
 """
 
 # The dataset of a round, streamed by COPY (parameters as variables: COPY takes no bound values).
+# `bon_weight` is the chosen weighting (the trainer's forward term), `bon_weight_pool` the pool one
+# (inside the backward term's log: never 0); `target_logprob` is log of the policy whose Best-of-n
+# is the target: the anchor (temperature 1), or with target 'sampler' the sampler that drew the pool.
 DATASET_ROWS = """
 SELECT b.prompt_id, b.candidate_id, p.prompt, p.messages, c.completion, c.token_ids, b.reward, b.p_lt, b.p_le,
-       b.bon_weight, c.anchor_logprob, c.num_tokens, b.round::INTEGER AS round, getvariable('bond_n')::INTEGER AS n,
-       b.rm_id
+       CASE getvariable('bond_weighting') WHEN 'pool' THEN b.bon_weight_pool ELSE b.bon_weight END AS bon_weight,
+       b.bon_weight_pool, c.anchor_logprob,
+       CASE getvariable('bond_target') WHEN 'sampler' THEN c.sample_logprob ELSE c.anchor_logprob END AS target_logprob,
+       c.num_tokens, b.round::INTEGER AS round, getvariable('bond_n')::INTEGER AS n, b.rm_id
 FROM bon_pool(getvariable('bond_n')) b
 JOIN candidates c ON c.candidate_id = b.candidate_id AND c.round = getvariable('bond_round')
 JOIN prompts p ON p.prompt_id = b.prompt_id
 WHERE b.round = getvariable('bond_round') AND b.rm_id = getvariable('bond_rm_id')
 ORDER BY b.prompt_id, c.sample_index
 """
+
+# The smallest pool of a round (unbiased weights need n <= k) and the sampling settings its
+# candidates were drawn with (BOND's target is Best-of-n of the anchor: temperature 1, top_p 1).
+POOL_SIZES = "SELECT min(k) AS k_min, count(DISTINCT prompt_id) AS prompts FROM pool WHERE round = $round AND rm_id = $rm"
+SAMPLING_SETTINGS = "SELECT DISTINCT sampling FROM candidates WHERE round = $round ORDER BY 1"
 
 # Prompts, candidates, tie rate, effective sample size and rewards of a built dataset, in SQL so
 # that a dataset of millions of rows is summarised without loading it (bond_data.build checks it
@@ -325,16 +353,25 @@ class Store:
             "AND s.shard_id = c.shard_id || '-' || $rm)", {"round": round_, "rm": rm_id}).to_pylist()
         return rows[0]
 
-    def write_dataset(self, round_: int, rm_id: str, n: int, out: Path, memory_limit: str = "1GB") -> None:
+    def write_dataset(self, round_: int, rm_id: str, n: int, out: Path, weighting: str = "unbiased",
+                      target: str = "anchor", memory_limit: str = "1GB") -> None:
         """COPY the round's weighted pool (DATASET_ROWS) to a Parquet file, streamed under a memory
         limit (DuckDB spills to a temporary folder beside `out`)."""
         with self.reader() as con:
             con.execute("SET memory_limit = ?", [memory_limit])
             con.execute("SET temp_directory = ?", [str(out.parent / ".duckdb-tmp")])
             con.execute("SET preserve_insertion_order = true")
-            for name, value in (("bond_round", round_), ("bond_rm_id", rm_id), ("bond_n", n)):
+            for name, value in (("bond_round", round_), ("bond_rm_id", rm_id), ("bond_n", n),
+                                ("bond_weighting", weighting), ("bond_target", target)):
                 con.execute(f"SET VARIABLE {name} = ?", [value])
             con.execute(f"COPY ({DATASET_ROWS}) TO '{_literal(str(out))}' (FORMAT parquet, COMPRESSION zstd)")
+
+    def pool_sizes(self, round_: int, rm_id: str) -> dict:
+        return self.query(POOL_SIZES, {"round": round_, "rm": rm_id}).to_pylist()[0]
+
+    def sampling_settings(self, round_: int) -> list[dict]:
+        """The distinct sampling settings (temperature, top_p, max_new_tokens) of a round's candidates."""
+        return [json.loads(s) for s in self.query(SAMPLING_SETTINGS, {"round": round_}).column(0).to_pylist()]
 
     def dataset_summary(self, path: Path) -> dict:
         rows = self.query(DATASET_SUMMARY, {"path": str(path)}).to_pylist()[0]

@@ -220,7 +220,7 @@ def cmd_build(args) -> None:
     from flows.stages import run_build
 
     cfg = BuildConfig.from_flags(args)
-    check_build(Store(args.store), cfg.round, cfg.rm_id)  # before Prefect starts
+    check_build(Store(args.store), cfg.round, cfg.n, cfg.rm_id, cfg.weighting, cfg.target)  # before Prefect starts
     record = run_build(args.store, cfg)
     print_summary(record, args.store)
 
@@ -320,7 +320,8 @@ def print_summary(record: dict, store: str) -> None:
     from rich.table import Table
 
     card = record["card"]
-    t = Table(title=f"dataset {record['dataset_id']} (round {record['round']}, Best-of-{record['n']}, rm {record['rm_id']})")
+    t = Table(title=f"dataset {record['dataset_id']} (round {record['round']}, Best-of-{record['n']}, "
+                    f"{record.get('weighting', 'pool')} weights, rm {record['rm_id']})")
     t.add_column("metric")
     t.add_column("value", justify="right")
     rows = [("prompts", card["prompts"]), ("candidates", card["candidates"]),

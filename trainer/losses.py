@@ -1,9 +1,16 @@
 """BOND losses as pure functions of per-sequence log-probabilities (torch tensors).
 
 Every tensor is one row per pool sample `[B]`: rows are samples y_i ~ A (the round's anchor),
-grouped k per prompt, each with its exact Best-of-N weight w_i from the dataset (`bon_weight`, with
-sum_i w_i / k = 1 per prompt) and log A(y_i) (`anchor_logprob`). `logp_policy` is log pi(y_i) with
-gradient. Means over rows are means over prompts of the per-prompt (1/k) sums, for equal k.
+grouped k per prompt, each with two Best-of-N weights from the dataset (bond_data/bon.py), both
+with sum_i w_i / k = 1 per prompt, and log A(y_i) (`target_logprob`, else `anchor_logprob`).
+`logp_policy` is log pi(y_i) with gradient. Means over rows are means over prompts of the
+per-prompt (1/k) sums, for equal k.
+
+Which weight where: the forward term takes `weight` (`bon_weight`, by default the unbiased weights,
+exact for Best-of-N of A but 0 below rank N); the backward term takes `weight_pool`
+(`bon_weight_pool`, Best-of-N with replacement from the pool, never 0), because it needs log w
+finite: an unbiased w = 0 would make pi_BoN = 0 there and force rho to 0 on most of the pool. The
+price is a slightly weaker backward target when N is near k; with N << k the two agree.
 
 - forward  KL(pi_BoN || pi) = const - E_{pi_BoN}[log pi]  ~  -(1/k) sum_i w_i log pi(y_i)
   (mode covering; paper eq. 9, with exact weights instead of one Best-of-N sample)
@@ -57,11 +64,12 @@ def anchor_kl_loss(logp_policy: torch.Tensor, logp_anchor: torch.Tensor) -> torc
 
 
 def jeffreys_loss(logp_policy: torch.Tensor, logp_anchor: torch.Tensor, weight: torch.Tensor,
-                  beta: float, gamma: float = 0.0) -> dict[str, torch.Tensor]:
-    """J_beta + gamma KL(pi || A), and each term (detached) for logging. A term whose coefficient is
-    0 stays out of the graph (0 * inf would be NaN)."""
+                  beta: float, gamma: float = 0.0, weight_pool: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """J_beta + gamma KL(pi || A), and each term (detached) for logging: the forward term with
+    `weight`, the backward term with `weight_pool` (default: `weight`; see the module docstring). A
+    term whose coefficient is 0 stays out of the graph (0 * inf would be NaN)."""
     fwd = forward_kl_loss(logp_policy, weight)
-    bwd = backward_kl_loss(logp_policy, logp_anchor, weight)
+    bwd = backward_kl_loss(logp_policy, logp_anchor, weight if weight_pool is None else weight_pool)
     reg = anchor_kl_loss(logp_policy, logp_anchor)
     loss = sum(c * term for c, term in ((1 - beta, fwd), (beta, bwd), (gamma, reg)) if c != 0)
     return {"loss": loss, "forward": fwd.detach(), "backward": bwd.detach(), "anchor_kl": reg.detach()}

@@ -2,13 +2,20 @@
 
     minimise  (1 - beta) KL(pi_BoN || pi) + beta KL(pi || pi_BoN) + gamma KL(pi || A)      (paper eq. 10)
 
-over the round's distillation dataset: every pool sample y_i ~ A with its exact weight w_i (Theorem
-1) and log A(y_i). Then refresh the anchor: the EMA of the policy (eta > 0) or the policy itself
+over the round's distillation dataset: every pool sample y_i ~ A with its Best-of-N weights and
+log A(y_i). Then refresh the anchor: the EMA of the policy (eta > 0) or the policy itself
 (eta = 0), registered as the next round's generator.
 
-How this differs from the paper: the forward term uses all k pool samples with exact weights
-instead of one sampled Best-of-N completion; the backward term is estimated offline on the
-anchor's pool with importance weights pi/A (trainer/losses.py) instead of on fresh policy samples.
+How this differs from the paper:
+1. the forward term uses all k pool samples, weighted by `bon_weight` (by default the unbiased
+   weights: exactly Best-of-N of A in expectation), instead of one sampled Best-of-N completion;
+2. the backward term is estimated offline on the anchor's pool with importance weights pi/A
+   (trainer/losses.py) instead of on fresh policy samples, and against the *pool* weights
+   `bon_weight_pool` (never 0, so log w is finite; unbiased weights are 0 below rank N). Datasets
+   built before `bon_weight_pool` existed use `bon_weight` for both terms;
+3. log A is the dataset's `target_logprob`: the anchor's log-prob, or with `bond build --target
+   sampler` the log-prob under the tempered sampler that drew the pool (older datasets:
+   `anchor_logprob`).
 
     bond train --store DIR --round R [--beta 0.5 --eta 0 ...]          # one process
     torchrun --nproc_per_node=2 -m trainer.train --store DIR --round R  # DDP (gloo on CPU, nccl on GPU)
@@ -112,14 +119,18 @@ def _dataset_record(store: Store, cfg: TrainConfig) -> dict:
 
 
 def _load_rows(path: Path, tokenizer) -> list[dict]:
-    """Each row: prompt ids + completion ids (as generated), weight and log A."""
-    table = pq.read_table(path, columns=["prompt", "messages", "token_ids", "bon_weight", "anchor_logprob"])
+    """Each row: prompt ids + completion ids (as generated), the forward and backward weights, log A.
+    Older datasets lack `bon_weight_pool` and `target_logprob`: `bon_weight` and `anchor_logprob`."""
+    names = set(pq.read_schema(path).names)
+    weight_pool = "bon_weight_pool" if "bon_weight_pool" in names else "bon_weight"
+    logp_anchor = "target_logprob" if "target_logprob" in names else "anchor_logprob"
+    columns = sorted({"prompt", "messages", "token_ids", "bon_weight", weight_pool, logp_anchor})
     rows = []
-    for r in table.to_pylist():
+    for r in pq.read_table(path, columns=columns).to_pylist():
         messages = json.loads(r["messages"]) if r["messages"] else None
         prompt = prompt_token_ids(tokenizer, r["prompt"], messages)
         rows.append({"prompt": prompt, "completion": r["token_ids"], "weight": r["bon_weight"],
-                     "logp_anchor": r["anchor_logprob"]})
+                     "weight_pool": r[weight_pool], "logp_anchor": r[logp_anchor]})
     return rows
 
 
@@ -146,19 +157,20 @@ def _batch_plan(rows: list[dict], micro_batch_size: int, grad_accum: int, epochs
 def train_step(model, micro_batches: list[list[dict]], beta: float, gamma: float, global_rows: int, world: int,
                device: torch.device) -> dict:
     """Forward + backward over this rank's micro-batches of rows (prompt ids, completion ids, weight,
-    log A); losses scaled so that the summed (and DDP-averaged) gradient is that of the mean over
+    weight_pool, log A); losses scaled so that the summed (and DDP-averaged) gradient is that of the mean over
     the `global_rows` rows of the global batch."""
     totals = {"loss": 0.0, "forward": 0.0, "backward": 0.0, "anchor_kl": 0.0, "log_ratio": 0.0, "tokens": 0}
     for i, batch in enumerate(micro_batches):
         input_ids, attention, labels, mask = collate(batch, device)
-        weight = torch.tensor([r["weight"] for r in batch], device=device, dtype=torch.float32)
+        weight = torch.tensor([r["weight"] for r in batch], device=device, dtype=torch.float32)  # forward term
+        weight_pool = torch.tensor([r["weight_pool"] for r in batch], device=device, dtype=torch.float32)  # backward
         logp_anchor = torch.tensor([r["logp_anchor"] for r in batch], device=device, dtype=torch.float32)
         sync = contextlib.nullcontext() if i == len(micro_batches) - 1 or world == 1 else model.no_sync()
         with sync:
             with autocast(device):
                 logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]  # [B, T-1, V]
             logp_policy = sequence_logprobs(logits, labels, mask)  # [B]
-            terms = jeffreys_loss(logp_policy, logp_anchor, weight, beta, gamma)
+            terms = jeffreys_loss(logp_policy, logp_anchor, weight, beta, gamma, weight_pool)
             scale = len(batch) / global_rows * world
             (terms["loss"] * scale).backward()
         for k in ("loss", "forward", "backward", "anchor_kl"):

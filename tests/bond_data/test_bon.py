@@ -1,4 +1,10 @@
-"""Quantiles against sorting, BoN weights against Monte Carlo Best-of-n selection."""
+"""Quantiles against sorting; pool BoN weights against Monte Carlo Best-of-n selection with
+replacement; unbiased weights against the enumeration of every n-subset, against Best-of-n of the
+true distribution (Monte Carlo), and against exact integer math at a million samples."""
+
+import itertools
+import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -51,10 +57,10 @@ def test_quantiles_with_string_groups_and_negative_rewards():
     [1.0, 1.0, 0.0, 2.0, 2.0, 2.0, 0.5, 0.0],  # ties at several levels
     [3.0, 3.0, 3.0, 3.0],  # all tied: uniform
 ])
-def test_bon_weights_match_monte_carlo_selection(reward, n):
+def test_pool_weights_match_monte_carlo_selection_with_replacement(reward, n):
     reward = np.array(reward)
     k = len(reward)
-    w = bon.bon_weights(np.zeros(k), reward, n)
+    w = bon.bon_weights(np.zeros(k), reward, n, weighting="pool")
     assert w.sum() / k == pytest.approx(1.0, abs=1e-12)
     freq = monte_carlo_bon(reward, n, draws=400_000, rng=np.random.default_rng(n))
     np.testing.assert_allclose(freq, w / k, atol=4e-3)
@@ -84,6 +90,109 @@ def test_invalid_inputs_are_rejected():
         bon.empirical_quantiles(np.zeros(3), np.array([1.0, np.nan, 2.0]))
     with pytest.raises(ValueError, match="n must be"):
         bon.bon_weight(np.array([0.0]), np.array([1.0]), 0)
+    with pytest.raises(ValueError, match="n must be"):
+        bon.unbiased_bon_weight(0, 1, 4, 0)
+    with pytest.raises(ValueError, match="weighting must be"):
+        bon.bon_weights(np.zeros(3), np.arange(3.0), 2, weighting="exact")
+    with pytest.raises(ValueError, match="0 <= lt < le <= k"):
+        bon.unbiased_bon_weight(np.array([1]), np.array([1]), np.array([4]), 2)
+
+
+def test_unbiased_weights_need_n_at_most_k():
+    group = np.array([0, 0, 0, 0, 1, 1, 1])  # pools of 4 and 3
+    assert bon.bon_weights(group, np.arange(7.0), 3).shape == (7,)
+    with pytest.raises(ValueError, match=r"need n <= k, but a pool has only k = 3 .*raise k.*weighting 'pool'"):
+        bon.bon_weights(group, np.arange(7.0), 4)
+    assert np.isfinite(bon.bon_weights(group, np.arange(7.0), 4, weighting="pool")).all()  # pool: any n
+
+
+# ---- unbiased weights --------------------------------------------------------------------------
+def enumerate_subsets(reward: np.ndarray, n: int) -> np.ndarray:
+    """k * P(sample i is the best of a uniformly random n-subset), ties split uniformly among the
+    subset's maxima: every subset, exact fractions."""
+    k = len(reward)
+    share = [Fraction(0)] * k
+    for subset in itertools.combinations(range(k), n):
+        best = max(reward[i] for i in subset)
+        winners = [i for i in subset if reward[i] == best]
+        for i in winners:
+            share[i] += Fraction(1, len(winners))
+    total = math.comb(k, n)
+    return np.array([float(k * s / total) for s in share])
+
+
+@pytest.mark.parametrize("reward", [
+    [0.3, 1.2, -0.4, 2.5, 0.9, 0.1],  # no ties
+    [1.0, 1.0, 0.0, 2.0, 2.0, 2.0, 0.5, 0.0],  # ties at several levels, the top included
+    [3.0, 3.0, 3.0, 3.0, 3.0],  # all tied: uniform
+    [0.0, 1.0, 1.0, 1.0, 5.0, 2.0, 2.0, 0.0, 4.0, 1.0],  # a unique maximum above ties
+])
+def test_unbiased_weights_equal_the_enumeration_of_every_subset(reward):
+    reward = np.array(reward)
+    k = len(reward)
+    for n in range(1, k + 1):  # n = k included: the pool's maxima share it
+        w = bon.bon_weights(np.zeros(k), reward, n)
+        np.testing.assert_allclose(w, enumerate_subsets(reward, n), rtol=1e-12, atol=1e-15, err_msg=f"n={n}")
+        assert w.sum() / k == pytest.approx(1.0, abs=1e-12)
+
+
+def test_unbiased_weights_are_unbiased_for_best_of_n_of_the_true_distribution():
+    """Pools of k = 16 continuous uniform rewards, N = 8: the mean over pools of (1/k) sum_i w_i log u_i
+    must be E[log u] under Beta(N, 1), -1/N, for unbiased weights; pool weights are Best-of-N with
+    replacement from the pool: E = sum_r (w_r / k) E[log U_(r)], E[log U_(r)] = H_(r-1) - H_k."""
+    k, n, pools = 16, 8, 20_000
+    rng = np.random.default_rng(0)
+    u = rng.random((pools, k))
+    group = np.repeat(np.arange(pools), k)
+    per_pool = {}
+    for weighting in ("unbiased", "pool"):
+        w = bon.bon_weights(group, u.ravel(), n, weighting).reshape(pools, k)
+        per_pool[weighting] = (w * np.log(u)).mean(axis=1)  # [pools]
+    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, k + 1))])  # H_0 .. H_k
+    w_rank = bon.bon_weights(np.zeros(k), np.arange(k, dtype=float), n, "pool")  # rank r = index + 1
+    pool_exact = float(np.sum(w_rank / k * (harmonic[:k] - harmonic[k])))
+    assert pool_exact == pytest.approx(-0.159, abs=1e-3)  # as Best-of-6.3 of the true distribution
+    for weighting, expected in (("unbiased", -1.0 / n), ("pool", pool_exact)):
+        x = per_pool[weighting]
+        se = x.std(ddof=1) / math.sqrt(pools)
+        assert abs(x.mean() - expected) < 4 * se, (weighting, x.mean(), expected, se)
+    se = per_pool["pool"].std(ddof=1) / math.sqrt(pools)
+    assert per_pool["pool"].mean() < -1.0 / n - 20 * se  # the pool weighting is biased, far beyond noise
+
+
+def exact_weight(lt: int, le: int, k: int, n: int) -> float:
+    return float(Fraction(k * (math.comb(le, n) - math.comb(lt, n)), math.comb(k, n) * (le - lt)))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_unbiased_weights_are_exact_at_moderate_k(ties):
+    k = 2000
+    rng = np.random.default_rng(4)
+    reward = rng.integers(0, 300, k).astype(float) if ties else rng.permutation(k).astype(float)
+    lt, le, kk = bon.empirical_counts(np.zeros(k), reward)
+    for n in (1, 2, 7, 300, 1999, 2000):
+        w = bon.unbiased_bon_weight(lt, le, kk, n)
+        exact = np.array([exact_weight(int(a), int(b), k, n) for a, b in zip(lt, le)])
+        np.testing.assert_allclose(w, exact, rtol=1e-10, atol=1e-300, err_msg=f"n={n}")
+
+
+@pytest.mark.parametrize("n", [1, 2, 1000, 10**6])
+def test_unbiased_weights_are_stable_at_a_million_samples(n):
+    k = 10**6
+    rng = np.random.default_rng(n)
+    for reward in (rng.permutation(k).astype(float), rng.integers(0, 5000, k).astype(float)):  # no ties; ties
+        lt, le, kk = bon.empirical_counts(np.zeros(k), reward)
+        w = bon.unbiased_bon_weight(lt, le, kk, n)
+        assert np.isfinite(w).all() and (w >= 0).all()
+        assert w.sum() / k == pytest.approx(1.0, abs=1e-9)
+        top = np.argsort(-w, kind="stable")[:3].tolist()
+        middle = int(np.argsort(reward)[k // 2])
+        for i in top + [middle]:  # the largest weights and a middle one, against integer math
+            if n == k:
+                exact = k / (le[i] - lt[i]) if le[i] == k else 0.0
+            else:
+                exact = exact_weight(int(lt[i]), int(le[i]), k, n)
+            assert w[i] == pytest.approx(exact, rel=1e-10, abs=1e-300), (i, lt[i], le[i])
 
 
 def test_effective_sample_size_and_tie_rate():

@@ -26,11 +26,41 @@ def test_sql_weights_equal_the_pure_module(store):
     run_generation(store, k=6)
     run_scoring(store)
     pool = store.query("SELECT * FROM bon_pool(4) ORDER BY candidate_id").to_pydict()
-    p_lt, p_le = bon.empirical_quantiles(np.array(pool["prompt_id"]), np.array(pool["reward"]))
+    group, reward = np.array(pool["prompt_id"]), np.array(pool["reward"])
+    lt, le, k = bon.empirical_counts(group, reward)
+    p_lt, p_le = bon.empirical_quantiles(group, reward)
+    assert (pool["lt"], pool["le"], pool["k"]) == (lt.tolist(), le.tolist(), k.tolist())
     np.testing.assert_allclose(pool["p_lt"], p_lt)
     np.testing.assert_allclose(pool["p_le"], p_le)
-    np.testing.assert_allclose(pool["bon_weight"], bon.bon_weight(p_lt, p_le, 4), rtol=1e-12)
-    assert bon.tie_rate(np.array(pool["prompt_id"]), np.array(pool["reward"])) > 0  # the case with ties
+    np.testing.assert_allclose(pool["bon_weight"], bon.bon_weights(group, reward, 4, "unbiased"), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(pool["bon_weight_pool"], bon.bon_weight(p_lt, p_le, 4), rtol=1e-12)
+    np.testing.assert_allclose(pool["bon_weight_pool"], bon.bon_weights(group, reward, 4, "pool"), rtol=1e-12)
+    assert bon.tie_rate(group, reward) > 0  # the case with ties
+    assert min(pool["bon_weight"]) == 0 < min(pool["bon_weight_pool"])  # below rank 4: 0 unbiased, > 0 pool
+    too_big = store.query("SELECT count(bon_weight) AS w, count(bon_weight_pool) AS p FROM bon_pool(7)").to_pylist()
+    assert too_big == [{"w": 0, "p": 60}]  # unbiased is undefined (NULL) for n > k
+
+
+@pytest.mark.parametrize("k,levels", [(2000, 40), (2000, 10**6), (64, 5)])
+def test_sql_weights_equal_numpy_on_large_pools_with_ties(k, levels):
+    """The SQL macro on pools far larger than a test store's: lgamma ratios against numpy."""
+    from bond_data.store import POOL_VIEW
+
+    rng = np.random.default_rng(k + levels)
+    group = np.repeat(np.arange(3), k)
+    reward = rng.integers(0, levels, 3 * k).astype(float)
+    con = duckdb.connect()
+    con.register("rows", {"round": np.zeros(3 * k, dtype=np.int32), "prompt_id": group.astype(str),
+                          "candidate_id": np.arange(3 * k), "rm_id": np.full(3 * k, "rm"), "reward": reward})
+    con.execute("CREATE TEMP TABLE scores AS SELECT * FROM rows")
+    con.execute(POOL_VIEW)
+    for n in (1, 2, 37, k):
+        got = con.sql("SELECT bon_weight, bon_weight_pool FROM bon_pool($n) ORDER BY candidate_id", params={"n": n}).fetchnumpy()
+        want = bon.bon_weights(group, reward, n)
+        np.testing.assert_allclose(got["bon_weight"], want, rtol=1e-9, atol=1e-9, err_msg=f"n={n}")
+        np.testing.assert_allclose(got["bon_weight_pool"], bon.bon_weights(group, reward, n, "pool"), rtol=1e-9,
+                                   atol=1e-300)
+    con.close()
 
 
 def test_a_changed_reward_model_cannot_reuse_its_id(store):
@@ -134,7 +164,9 @@ def test_the_duckdb_cli_from_pip_reads_the_store(store, tmp_path):
     run_generation(store, k=2)
     run_scoring(store)
     out = subprocess.run([cli, "-init", str(store.root / "store.sql"), "-csv", "-c",
-                          "SELECT count(*) AS n, sum(bon_weight) / count(*) AS w FROM bon_pool(4)"],
+                          "SELECT count(*) AS n, round(sum(b.bon_weight) / count(*), 12) AS w, "
+                          "round(sum(b.bon_weight_pool) / count(*), 12) AS wp, count(u.bon_weight) AS big "
+                          "FROM bon_pool(2) b LEFT JOIN bon_pool(3) u USING (candidate_id)"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-2:] == ["n,w", "20,1.0"]
+    assert out.stdout.strip().splitlines()[-2:] == ["n,w,wp,big", "20,1.0,1.0,0"]  # n = 3 > k = 2: NULL

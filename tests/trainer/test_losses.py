@@ -38,6 +38,30 @@ def test_losses_match_naive_loops():
     assert out["loss"].item() == pytest.approx(0.7 * fwd + 0.3 * bwd + 0.1 * reg)
 
 
+def test_the_backward_term_takes_the_pool_weight_inside_its_log():
+    """Forward with the unbiased weights (zeros below rank N), backward with the pool weights: a
+    naive loop over each prompt's pool."""
+    k, n, prompts = 8, 5, 3
+    rng = np.random.default_rng(5)
+    reward = rng.integers(0, 4, prompts * k).astype(float)  # ties
+    group = np.repeat(np.arange(prompts), k)
+    w = torch.tensor(bon.bon_weights(group, reward, n, "unbiased"))
+    w_pool = torch.tensor(bon.bon_weights(group, reward, n, "pool"))
+    assert (w == 0).any() and (w_pool > 0).all()
+    lp, la = -torch.rand(prompts * k, dtype=torch.float64) * 3, -torch.rand(prompts * k, dtype=torch.float64) * 3
+    fwd = bwd = 0.0
+    for i in range(prompts * k):
+        rho = math.exp(lp[i] - la[i])
+        fwd += -float(w[i]) * float(lp[i]) / (prompts * k)
+        bwd += (rho * (math.log(rho) - math.log(float(w_pool[i]))) - rho + float(w_pool[i])) / (prompts * k)
+    out = losses.jeffreys_loss(lp, la, w, beta=0.4, weight_pool=w_pool)
+    assert out["forward"].item() == pytest.approx(fwd) and out["backward"].item() == pytest.approx(bwd)
+    assert out["loss"].item() == pytest.approx(0.6 * fwd + 0.4 * bwd)
+    same = losses.jeffreys_loss(lp, la, w, beta=0.4)  # no pool weight: the one weight in both terms
+    assert same["backward"].item() == pytest.approx(losses.backward_kl_loss(lp, la, w).item())
+    assert same["backward"].item() > out["backward"].item() + 1  # log of a clamped 0 is huge
+
+
 def test_zero_weights_and_zero_coefficients_stay_finite():
     lp = torch.tensor([-1.0, -2.0], requires_grad=True)
     out = losses.jeffreys_loss(lp, torch.tensor([-1.5, -1.5]), torch.tensor([2.0, 0.0]), beta=0.0)
@@ -106,13 +130,13 @@ def test_minimising_the_objective_converges_to_best_of_n(beta):
     n, k = 4, 20_000
     rng = np.random.default_rng(0)
     ys = rng.choice(4, size=k, p=ANCHOR.numpy())
-    w = bon.bon_weights(np.zeros(k), REWARD[ys], n)
-    rows, weight = torch.tensor(ys), torch.tensor(w)
+    w, w_pool = (bon.bon_weights(np.zeros(k), REWARD[ys], n, weighting) for weighting in ("unbiased", "pool"))
+    rows, weight, weight_pool = torch.tensor(ys), torch.tensor(w), torch.tensor(w_pool)  # as the trainer reads them
     theta = torch.zeros(4, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([theta], lr=0.1)
     for _ in range(400):
         logp = torch.log_softmax(theta, 0)
-        loss = losses.jeffreys_loss(logp[rows], ANCHOR.log()[rows], weight, beta=beta)["loss"]
+        loss = losses.jeffreys_loss(logp[rows], ANCHOR.log()[rows], weight, beta=beta, weight_pool=weight_pool)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()

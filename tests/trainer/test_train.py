@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import pyarrow as pa
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -57,6 +58,29 @@ def test_training_learns_and_registers_the_next_anchor(round0):
     epoch = [sum(m["forward"] for m in log[e * 5 : e * 5 + 5]) / 5 for e in (0, 1)]
     assert epoch[1] < epoch[0]
     assert train_mod.train(str(round0.root), cfg(beta=0.5))["skipped"]  # done rounds are skipped
+
+
+def test_rows_carry_both_weights_and_older_datasets_fall_back(round0, tmp_path):
+    """New datasets: forward weight `bon_weight`, backward weight `bon_weight_pool`, log A
+    `target_logprob`. Datasets built before those columns: `bon_weight` and `anchor_logprob`."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(round0.anchor(0)["anchor_path"])
+    (path,) = (round0.root / "datasets").rglob("part-0.parquet")
+    table = pq.read_table(path)
+    rows = train_mod._load_rows(path, tokenizer)
+    assert [r["weight"] for r in rows] == table.column("bon_weight").to_pylist()
+    assert [r["weight_pool"] for r in rows] == table.column("bon_weight_pool").to_pylist()
+    assert [r["logp_anchor"] for r in rows] == table.column("target_logprob").to_pylist()
+    assert min(r["weight"] for r in rows) == 0 < min(r["weight_pool"] for r in rows)  # unbiased: 0 below rank n
+    old = tmp_path / "old.parquet"
+    before = table.drop(["bon_weight_pool", "target_logprob"])
+    pq.write_table(before.set_column(before.schema.get_field_index("anchor_logprob"), "anchor_logprob",
+                                     pa.array([-1.0] * table.num_rows)), old)
+    old_rows = train_mod._load_rows(old, tokenizer)
+    assert [r["weight_pool"] for r in old_rows] == [r["weight"] for r in old_rows] == table.column("bon_weight").to_pylist()
+    assert {r["logp_anchor"] for r in old_rows} == {-1.0}
 
 
 def test_ema_anchor_lies_between_the_start_and_the_policy(round0):
