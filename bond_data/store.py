@@ -377,6 +377,40 @@ class Store:
         rows = self.query(DATASET_SUMMARY, {"path": str(path)}).to_pylist()[0]
         return {k: (int(v) if k in ("prompts", "candidates", "k_min", "k_max") else float(v)) for k, v in rows.items()}
 
+    def status(self) -> dict:
+        """The store at a glance (`bond status`): rounds and anchors; per round the candidates (and
+        k range), scores per reward model, datasets and whether the next anchor is registered; and
+        the stage `bond rounds` would run next. From the catalog, plus one scan of the candidates'
+        (round, prompt_id) columns for the k range."""
+        with self.reader() as con:
+            def rows(sql: str) -> list[dict]:
+                return con.sql(sql).to_arrow_table().to_pylist()
+
+            rounds = rows("SELECT round, anchor_hash, parent_round, anchor_path FROM rounds ORDER BY round")
+            prompts = rows("SELECT coalesce(sum(num_rows), 0)::BIGINT AS n FROM shards WHERE kind = 'prompts'")[0]["n"]
+            cands = {r["round"]: r for r in rows(
+                "SELECT round, count(*) AS shards, sum(num_rows)::BIGINT AS candidates FROM shards "
+                "WHERE kind = 'candidates' GROUP BY round")}
+            ks = {r["round"]: r for r in rows(
+                "SELECT round, min(k) AS k_min, max(k) AS k_max, count(*) AS prompts FROM "
+                "(SELECT round, prompt_id, count(*) AS k FROM candidates GROUP BY ALL) GROUP BY round")}
+            scores = rows("SELECT round, rm_id, count(*) AS shards, sum(num_rows)::BIGINT AS scored FROM shards "
+                          "WHERE kind = 'scores' GROUP BY ALL ORDER BY round, rm_id")
+            datasets = rows("SELECT round, dataset_id, n, num_rows, card FROM datasets ORDER BY round, registered_at")
+        anchors = {r["round"] for r in rounds}
+        per_round = []
+        for t in sorted(anchors | set(cands)):
+            c = cands.get(t, {"shards": 0, "candidates": 0})
+            scored = [{k: v for k, v in s.items() if k != "round"} for s in scores if s["round"] == t]
+            built = [{"dataset_id": d["dataset_id"], "n": d["n"], "rows": d["num_rows"],
+                      **{k: json.loads(d["card"]).get(k) for k in ("weighting", "ess_mean", "mean_reward", "bon_reward")}}
+                     for d in datasets if d["round"] == t]
+            per_round.append({"round": t, "anchor": t in anchors, "candidate_shards": c["shards"],
+                              "candidates": c["candidates"], **{k: ks.get(t, {}).get(k) for k in ("prompts", "k_min", "k_max")},
+                              "scores": scored, "datasets": built, "trained": t + 1 in anchors})
+        return {"store": str(self.root), "prompts": prompts, "rounds": rounds, "per_round": per_round,
+                "next": _next_stage(per_round)}
+
     def anchor(self, round_: int) -> dict | None:
         if not self.exists():
             return None
@@ -386,6 +420,22 @@ class Store:
     def reward_model_ids(self, round_: int) -> list[str]:
         rows = self.query("SELECT DISTINCT rm_id FROM shards WHERE kind = 'scores' AND round = ? ORDER BY 1", [round_])
         return rows.column("rm_id").to_pylist()
+
+
+def _next_stage(per_round: list[dict]) -> str:
+    """What `bond rounds` would do next: the first round with an anchor and no successor."""
+    for r in per_round:
+        if not r["anchor"] or r["trained"]:
+            continue
+        t = r["round"]
+        if not r["candidates"]:
+            return f"generate round {t}"
+        if not r["scores"] or any(s["shards"] < r["candidate_shards"] for s in r["scores"]):
+            return f"score round {t}"
+        if not r["datasets"]:
+            return f"build round {t}"
+        return f"train round {t}"
+    return "register an anchor: `bond init --store DIR --anchor MODEL`" if not per_round else "nothing: every round is trained"
 
 
 def _migrate(legacy: Path, root: Path) -> None:

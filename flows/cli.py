@@ -8,6 +8,7 @@ Every subcommand parses its flags into a config, then makes one call into a flow
     bond score     --store DIR [--round R] [--rm SPEC] [--rm-id ID]
     bond build     --store DIR [--round R] --n N [--rm-id ID]
     bond sql       --store DIR "QUERY" [--format table|csv|json]
+    bond status    --store DIR [--format json]          rounds, pools, scores, datasets, the next stage
     bond migrate   --store DIR                          a store written before the manifest catalog
     bond train     --store DIR --round R [--beta B --eta E ...]   (torchrun: python -m trainer.train)
     bond train-online --policy DIR --prompts FILE --out DIR [--rm SPEC --steps S ...]   online J-BOND
@@ -36,8 +37,18 @@ from trainer.config import TINY_TRAIN, OnlineConfig, TrainConfig
 RM_HELP = f"reward model: a sequence-classification folder or module:function (default {TINY_REWARD})"
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bond-pipeline")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bond", description="BOND: Best-of-N distillation pipeline")
+    ap.add_argument("--version", action="version", version=f"bond {_version()}")
     ap.add_argument("-v", "--verbose", action="store_true",
                     help="show Prefect's own log lines (run and task states, its temporary server)")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -91,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
         if cmd == "serve":
             p.add_argument("--cron", required=True, help='e.g. "0 3 * * *"')
             p.add_argument("--name", default="bond-rounds")
+
+    p = sub.add_parser("status", help="the store at a glance: rounds, pools, scores, datasets, the next stage")
+    p.add_argument("--store", required=True)
+    p.add_argument("--format", choices=["table", "json"], default="table")
 
     p = sub.add_parser("migrate", help="move a store's DuckDB catalog of an earlier version to the manifest catalog")
     p.add_argument("--store", required=True)
@@ -176,6 +191,34 @@ def cmd_init(args) -> None:
     anchor = Path(args.anchor).resolve()
     Store(args.store).register_anchor(args.round, str(anchor), folder_sha256(anchor), config={"source": "bond init"})
     print(f"round {args.round}: anchor {anchor}")
+
+
+def cmd_status(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from bond_data.store import Store
+
+    status = Store(args.store).status()
+    if args.format == "json":
+        print(json.dumps(status, indent=1, default=str))
+        return
+    console = Console(width=max(Console().width, 120))
+    console.print(f"store {status['store']}: {status['prompts']} prompts, {len(status['rounds'])} anchor(s)")
+    t = Table(title="rounds")
+    for col in ["round", "anchor", "parent", "candidates (shards)", "k", "scored per reward model", "datasets", "next anchor"]:
+        t.add_column(col)
+    anchors = {r["round"]: r for r in status["rounds"]}
+    for r in status["per_round"]:
+        a = anchors.get(r["round"])
+        k = f"{r['k_min']}-{r['k_max']}" if r["k_min"] is not None and r["k_min"] != r["k_max"] else str(r["k_max"] or "")
+        scored = ", ".join(f"{s['rm_id']}: {s['scored']}" for s in r["scores"]) or "-"
+        built = "; ".join(f"n={d['n']} {d['weighting'] or 'pool'}: {d['rows']} rows, ESS {d['ess_mean']:.2f}, "
+                          f"reward {d['mean_reward']:.3f} -> {d['bon_reward']:.3f}" for d in r["datasets"]) or "-"
+        t.add_row(str(r["round"]), a["anchor_hash"][:12] if a else "-", str(a["parent_round"]) if a and a["parent_round"] is not None else "-",
+                  f"{r['candidates']} ({r['candidate_shards']})", k, scored, built, "registered" if r["trained"] else "-")
+    console.print(t)
+    console.print(f"next: {status['next']}")
 
 
 def cmd_migrate(args) -> None:
@@ -377,7 +420,7 @@ def print_rounds(rows: list[dict], n: int) -> None:
     Console(width=max(Console().width, 110)).print(t)
 
 
-COMMANDS = {"demo": cmd_demo, "init": cmd_init, "migrate": cmd_migrate, "prompts": cmd_prompts, "generate": cmd_generate,
+COMMANDS = {"demo": cmd_demo, "init": cmd_init, "migrate": cmd_migrate, "status": cmd_status, "prompts": cmd_prompts, "generate": cmd_generate,
             "score": cmd_score, "build": cmd_build, "sql": cmd_sql, "train": cmd_train, "train-online": cmd_train_online, "rounds": cmd_rounds,
             "serve": cmd_serve}
 

@@ -48,3 +48,37 @@ def test_a_misspelt_store_is_an_error_and_creates_nothing(tmp_path, capsys):
         assert main(argv) == 2
         assert "no BOND store at" in capsys.readouterr().err
     assert not (tmp_path / "typo").exists()
+
+
+def test_status_follows_a_round_stage_by_stage(store, capsys):
+    import json
+
+    from bond_data import build
+    from testutil import run_generation, run_scoring
+
+    def status():
+        assert main(["status", "--store", str(store.root), "--format", "json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    assert status()["next"] == "generate round 0"
+    run_generation(store, k=3)
+    s = status()
+    assert s["prompts"] == 10 and s["next"] == "score round 0"
+    assert s["per_round"][0] | {"scores": [], "datasets": []} == {
+        "round": 0, "anchor": True, "candidate_shards": 3, "candidates": 30, "prompts": 10, "k_min": 3, "k_max": 3,
+        "scores": [], "datasets": [], "trained": False}
+    run_scoring(store)
+    assert status()["next"] == "build round 0"
+    build.build_dataset(store, 0, n=2)
+    s = status()
+    assert s["next"] == "train round 0" and s["per_round"][0]["scores"][0]["scored"] == 30
+    assert s["per_round"][0]["datasets"][0]["weighting"] == "unbiased" and s["per_round"][0]["datasets"][0]["rows"] == 30
+    assert main(["status", "--store", str(store.root)]) == 0 and "next: train round 0" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("bond ")
