@@ -13,3 +13,14 @@ def resolve_device(name: str | None) -> torch.device:
     import torch
 
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def free_memory() -> None:
+    """Collect what was just dropped and hand cached GPU memory back to the device."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

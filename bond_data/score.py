@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bond_data import schema
-from bond_data.device import resolve_device
+from bond_data.device import free_memory, resolve_device
 from bond_data.files import folder_sha256, write_parquet_atomic
 from bond_data.store import Store, shard_manifest
 
@@ -89,18 +89,9 @@ def load_reward_model(spec: str, rm_id: str | None = None, device: str | None = 
 
 def release_reward_models() -> None:
     """Drop every loaded reward model (before training, say) and return its memory to the device."""
-    import gc
-
     with _LOCK:
         _LOADED.clear()
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+    free_memory()
 
 
 def _sequence_classifier(folder: str, device: str | None) -> Callable[[list[tuple[str, str]]], list[float]]:

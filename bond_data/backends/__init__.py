@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import gc
 import threading
 
 from bond_data.backends.base import Backend
+from bond_data.device import free_memory
 
 _LOADED: dict[tuple, Backend] = {}
 _LOCK = threading.Lock()
@@ -43,11 +43,4 @@ def _release_locked() -> None:
     if not _LOADED:
         return
     _LOADED.clear()
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+    free_memory()
