@@ -152,13 +152,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quiet_prefect(verbose: bool) -> None:
-    """Prefect's log lines (states of every run and task, its temporary server) stay off unless -v:
-    a failure is reported once, as our one `error:` line, and progress is ours to print."""
+    """Prefect's log lines (states of every run and task, its temporary server) and Hugging Face's
+    loading bars stay off unless -v: a failure is reported once, as our one `error:` line, and
+    progress is ours to print."""
     import logging
 
     level = "INFO" if verbose else "CRITICAL"
     os.environ["PREFECT_LOGGING_LEVEL"] = level  # for Prefect imported later, and its server
     logging.getLogger("prefect").setLevel(level)  # for Prefect already imported (tests, notebooks)
+    if not verbose:  # Hugging Face's "Loading weights" / "Writing model shards" bars and notices
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+        os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
 
 
 # Commands that write the store take its writer lease here, before Prefect or a model starts, so a
@@ -351,7 +361,8 @@ def cmd_sql(args) -> None:
         out = Table(*table.column_names)
         for row in table.to_pylist():
             out.add_row(*[_cell(v) for v in row.values()])
-        Console().print(out)
+        # Not a terminal (a pipe, a file): as wide as the table needs, never truncated.
+        Console(width=None if sys.stdout.isatty() else 10_000).print(out)
 
 
 def _cell(v) -> str:

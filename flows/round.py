@@ -57,7 +57,15 @@ def _run_rounds(st: Store, num: int, generate: dict, score: dict, build: dict, t
             continue
         dataset = curate_round(store, {**generate, "round": t}, {**score, "round": t}, {**build, "round": t})
         result = train_task(store, {**train, "round": t, "dataset_id": dataset["dataset_id"]})
-        print(f"round {t}: trained on {dataset['dataset_id']}; anchor {t + 1} = {result['next_anchor']['anchor_hash'][:12]}")
+        card = dataset["card"]
+        print(f"round {t}: dataset {dataset['dataset_id']}: {card['candidates']} candidates of {card['prompts']} prompts, "
+              f"ESS {card['ess_mean']:.2f} of {card['k_max']}, tie rate {card['tie_rate']:.2f}, reward "
+              f"{card['mean_reward']:.3f} (one sample) -> {card['bon_reward']:.3f} (Best-of-{dataset['n']})")
+        last = result.get("last_step") or {}
+        losses = (f", last step loss {last['loss']:.4f} (forward {last['forward']:.4f}, backward {last['backward']:.4f}), "
+                  f"mean log pi/A {last['log_ratio']:.3f}") if last else ""
+        print(f"round {t}: trained {result.get('steps', 0)} steps{losses}; anchor {t + 1} = "
+              f"{result['next_anchor']['anchor_hash'][:12]}")
         done.append({"round": t, "dataset_id": dataset["dataset_id"], "next_anchor": result["next_anchor"]})
 
 

@@ -79,6 +79,7 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
     step = _restore(resume, opt, sched, ema) if resume else 0
 
     log = MetricsLog(run_dir / "metrics.jsonl", rank, total=len(plan), start=step)
+    metrics: dict = {}
     global_rows = cfg.micro_batch_size * cfg.grad_accum * world
     while step < len(plan):
         t0 = time.perf_counter()
@@ -96,7 +97,8 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
             _checkpoint(run_dir / f"step-{step}", policy, tokenizer, opt, sched, ema, step, rank, world)
     log.close()
 
-    return _refresh_anchor(store, cfg, dataset, anchor, policy, tokenizer, ema, rank, world)
+    result = _refresh_anchor(store, cfg, dataset, anchor, policy, tokenizer, ema, rank, world)
+    return {**result, "steps": len(plan), "last_step": metrics}  # last_step: {} when resumed at the end
 
 
 # ---- setup -----------------------------------------------------------------------------------
