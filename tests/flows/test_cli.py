@@ -82,3 +82,8 @@ def test_version(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.startswith("bond ")
+
+
+def test_tables_are_not_truncated_off_a_terminal(store, capsys):
+    assert main(["sql", "--store", str(store.root), "SELECT repeat('x', 300) AS wide, count(*) AS n FROM prompts"]) == 0
+    assert "x" * 300 in capsys.readouterr().out
