@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import inspect
 import math
 import numbers
@@ -41,6 +42,9 @@ class RewardModel:
     rm_hash: str
     spec: str
     score_batch: Callable[[list[tuple[str, str]]], list[float]]
+    # A sequence-classification model takes (messages, completion) for chat prompts and renders the
+    # whole conversation with its own chat template; a callable always takes (prompt text, completion).
+    takes_messages: bool = False
 
 
 def _check_id(rm_id: str) -> str:
@@ -79,11 +83,10 @@ def load_reward_model(spec: str, rm_id: str | None = None, device: str | None = 
         if key not in _LOADED:
             rid, rhash = describe_reward_model(spec, rm_id)
             if Path(spec).is_dir():
-                fn = _sequence_classifier(spec, device)
+                _LOADED[key] = RewardModel(rid, rhash, spec, _sequence_classifier(spec, device), takes_messages=True)
             else:
                 module_name, _, func_name = spec.partition(":")
-                fn = getattr(importlib.import_module(module_name), func_name)
-            _LOADED[key] = RewardModel(rid, rhash, spec, fn)
+                _LOADED[key] = RewardModel(rid, rhash, spec, getattr(importlib.import_module(module_name), func_name))
         return _LOADED[key]
 
 
@@ -107,16 +110,19 @@ def _sequence_classifier(folder: str, device: str | None) -> Callable[[list[tupl
                           f"({str(e).splitlines()[0][:160]})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.truncation_side = "left"  # too long: drop the start of the prompt, never the completion
     if model.config.num_labels != 1:
         raise RewardError(f"reward model {folder}: expected one output logit, the model has {model.config.num_labels}")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
-    def text(prompt: str, completion: str) -> str:
-        if tokenizer.chat_template:  # score the exchange the way the RM was trained to see it
-            chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-            return tokenizer.apply_chat_template(chat, tokenize=False)
-        return prompt + completion
+    def text(prompt: str | list[dict], completion: str) -> str:
+        """The exchange as the RM was trained to see it: a chat prompt's own messages (system and
+        earlier turns included) plus the reply, through the RM tokenizer's chat template."""
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        if tokenizer.chat_template:
+            return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}], tokenize=False)
+        return "\n".join(m["content"] for m in messages) + completion
 
     @torch.inference_mode()
     def score_batch(pairs: list[tuple[str, str]]) -> list[float]:
@@ -132,13 +138,17 @@ def score_pairs(score_batch: Callable, pairs: list[tuple[str, str]], batch_size:
     model raises or returns that is not one real number per pair is a RewardError naming it."""
     order = list(range(len(pairs)))
     if sort_by_length:
-        order.sort(key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+        order.sort(key=lambda i: _chars(pairs[i][0]) + len(pairs[i][1]))
     rewards: list[float] = [math.nan] * len(pairs)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         for i, r in zip(idx, _call(score_batch, [pairs[i] for i in idx], name)):
             rewards[i] = r
     return rewards
+
+
+def _chars(prompt: str | list[dict]) -> int:
+    return len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
 
 
 def _call(score_batch: Callable, batch: list[tuple[str, str]], name: str) -> list[float]:
@@ -176,12 +186,18 @@ def shard_rows(store_root: Path, candidates: dict, prompt_files: list[str]) -> l
     open the catalog (only the driver does, and DuckDB allows one writer process)."""
     cands = pq.read_table(store_root / candidates["path"], columns=["candidate_id", "prompt_id", "round", "completion"])
     wanted = pc.unique(cands.column("prompt_id"))
-    texts = {}
+    prompts = {}
     for f in prompt_files:
-        p = pq.read_table(store_root / f, columns=["prompt_id", "prompt"])
+        p = pq.read_table(store_root / f, columns=["prompt_id", "prompt", "messages"])
         p = p.filter(pc.is_in(p.column("prompt_id"), value_set=wanted))
-        texts.update(zip(p.column("prompt_id").to_pylist(), p.column("prompt").to_pylist()))
-    return [{**row, "prompt": texts[row["prompt_id"]]} for row in cands.to_pylist()]
+        prompts.update((r["prompt_id"], r) for r in p.to_pylist())
+    return [{**row, "prompt": prompts[row["prompt_id"]]["prompt"],
+             "messages": json.loads(prompts[row["prompt_id"]]["messages"] or "null")} for row in cands.to_pylist()]
+
+
+def reward_inputs(rm: RewardModel, rows: list[dict]) -> list[tuple]:
+    """What the reward model scores: (messages or prompt text, completion) per row."""
+    return [(r["messages"] if rm.takes_messages and r["messages"] else r["prompt"], r["completion"]) for r in rows]
 
 
 def score_shard(store_root: str, candidates: dict, prompt_files: list[str], spec: str, rm_id: str | None,
@@ -190,7 +206,7 @@ def score_shard(store_root: str, candidates: dict, prompt_files: list[str], spec
     store = Store(store_root)
     rm = load_reward_model(spec, rm_id, device)
     rows = shard_rows(store.root, candidates, prompt_files)
-    rewards = score_pairs(rm.score_batch, [(r["prompt"], r["completion"]) for r in rows], batch_size,
+    rewards = score_pairs(rm.score_batch, reward_inputs(rm, rows), batch_size,
                           name=f"reward model {rm.rm_id} ({spec})")
     check_finite(rewards, lambda i: f"reward model {rm.rm_id} ({spec}) returned {rewards[i]} for candidate "
                  f"{rows[i]['candidate_id']} (prompt {rows[i]['prompt_id']}, shard {candidates['path']}); nothing was written")
@@ -212,7 +228,7 @@ def try_reward_model(store_root: str, candidates: dict, prompt_files: list[str],
     shape or type, or a non-finite number fails here, once, before any shard is fanned out."""
     rm = load_reward_model(spec, rm_id, device)
     sample = shard_rows(Path(store_root), candidates, prompt_files)[:rows]
-    rewards = score_pairs(rm.score_batch, [(r["prompt"], r["completion"]) for r in sample], rows,
+    rewards = score_pairs(rm.score_batch, reward_inputs(rm, sample), rows,
                           name=f"reward model {rm.rm_id} ({spec})")
     check_finite(rewards, lambda i: f"reward model {rm.rm_id} ({spec}) returned {rewards[i]} for candidate "
                  f"{sample[i]['candidate_id']} (shard {candidates['path']}); nothing was written")
