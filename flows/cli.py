@@ -121,14 +121,23 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_prefect(args.verbose)
+    mask = None
     if args.command == "sql" and threading.current_thread() is threading.main_thread():
         # Before pyarrow and DuckDB start their threads, which inherit the mask: Ctrl-C then reaches
         # only the query's watcher (bond_data.store.read_only_query), which stops the query.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return _run(args, argv)
+    finally:
+        if mask is not None:  # a caller in this process (a test, a notebook) gets its mask back
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """The command, with every user error reported as one `error:` line and its exit code."""
     from bond_data.errors import StoreError
     from bond_data.prompts import PromptError
     from bond_data.score import RewardError
-
     from bond_data.store import QueryInterrupted, QueryTimeout
 
     try:

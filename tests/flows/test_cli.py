@@ -87,3 +87,11 @@ def test_version(capsys):
 def test_tables_are_not_truncated_off_a_terminal(store, capsys):
     assert main(["sql", "--store", str(store.root), "SELECT repeat('x', 300) AS wide, count(*) AS n FROM prompts"]) == 0
     assert "x" * 300 in capsys.readouterr().out
+
+
+def test_bond_sql_gives_the_caller_its_signal_mask_back(store, capsys):
+    import signal
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    assert main(["sql", "--store", str(store.root), "SELECT 1 AS one"]) == 0
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before
