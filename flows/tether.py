@@ -51,7 +51,12 @@ class _TetheredSubprocess:
 
 
 def tie_temporary_server() -> None:
-    """Make Prefect's temporary server die with this process (idempotent)."""
+    """Make Prefect's temporary server die with this process (idempotent). With PREFECT_API_URL
+    set there is no temporary server, and its module (seconds to import) is left alone."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
     from prefect.server.api import server
 
     if not isinstance(server.subprocess, _TetheredSubprocess):
