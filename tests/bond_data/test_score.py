@@ -17,17 +17,24 @@ def test_a_nan_reward_names_the_candidate_and_writes_nothing(store):
     assert store.registered_shards("scores") == []
 
 
-def test_sequence_classification_reward_model(store, tmp_path):
+def _save_reward_model(tok, folder):
+    """A tiny seeded LlamaForSequenceClassification (one logit) with `tok`, saved to `folder`."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    tok = AutoTokenizer.from_pretrained(store.anchor(0)["anchor_path"])
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
-    rm_dir = tmp_path / "rm"
-    LlamaForSequenceClassification(cfg).save_pretrained(rm_dir)
-    tok.save_pretrained(rm_dir)
+    LlamaForSequenceClassification(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_sequence_classification_reward_model(store, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(store.anchor(0)["anchor_path"])
+    rm_dir = _save_reward_model(tok, tmp_path / "rm")
     run_generation(store, k=2)
     rm_id = run_scoring(store, str(rm_dir))
     rewards = store.query("SELECT reward FROM scores WHERE rm_id = ?", [rm_id]).column("reward").to_pylist()
@@ -52,7 +59,7 @@ def test_a_chat_prompt_reaches_the_reward_model_through_its_own_chat_template(st
     import json
 
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from bond_data.prompts import add_prompts
     from testutil import write_jsonl
@@ -63,12 +70,7 @@ def test_a_chat_prompt_reaches_the_reward_model_through_its_own_chat_template(st
     tok = AutoTokenizer.from_pretrained(store.anchor(0)["anchor_path"])
     tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
     tok.model_max_length = 512  # the whole conversation fits: nothing truncated
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
-    rm_dir = tmp_path / "chat-rm"
-    LlamaForSequenceClassification(cfg).save_pretrained(rm_dir)
-    tok.save_pretrained(rm_dir)
+    rm_dir = _save_reward_model(tok, tmp_path / "chat-rm")
     run_generation(store, k=1)
     rm_id = run_scoring(store, str(rm_dir))
     row = store.query(

@@ -124,22 +124,6 @@ def test_seeds_and_the_default_cache_dir(tmp_path, monkeypatch):
     assert task.model_dir == tmp_path / f"digits-task-{dt.TASK_VERSION}-seed3" / "model"
 
 
-def test_a_crashed_build_leaves_nothing_a_later_run_trusts(tmp_path, monkeypatch):
-    def crash(folder: Path, seed: int, quiet: bool) -> None:
-        (folder / "config.json").write_text("{}")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(dt, "_build_into", crash)
-    with pytest.raises(KeyboardInterrupt):
-        dt.ensure_digits_task(tmp_path, quiet=True)
-    assert list(tmp_path.iterdir()) == []
-
-    (tmp_path / f"digits-task-{dt.TASK_VERSION}").mkdir()  # a stray folder without the marker
-    monkeypatch.setattr(dt, "_build_into", _fake_build)
-    task = dt.ensure_digits_task(tmp_path, quiet=True)
-    assert (task.model_dir.parent / dt.MARKER).is_file()
-
-
 def test_sample_stats_on_an_untrained_model(untrained_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
-from bond_data.tasks import common
+import pytest
+
+from bond_data.tasks import common, digits, tiny
 
 
 def test_tokenizer_round_trips_text_and_sets_special_tokens():
@@ -59,3 +62,25 @@ def test_default_cache_dir_honours_bond_cache(tmp_path, monkeypatch):
     assert common.default_cache_dir() == tmp_path
     monkeypatch.delenv("BOND_CACHE")
     assert common.default_cache_dir() == Path.home() / ".cache" / "bond"
+
+
+@pytest.mark.parametrize("task, ensure, name", [(tiny, tiny.ensure_tiny_task, "tiny-task"),
+                                                (digits, digits.ensure_digits_task, "digits-task")])
+def test_a_crashed_build_leaves_nothing_a_later_run_trusts(task, ensure, name, tmp_path, monkeypatch):
+    def crash(folder: Path, seed: int, quiet: bool) -> None:
+        (folder / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    def fake_build(folder: Path, seed: int, quiet: bool) -> None:
+        common.save_untrained_model(folder / "model", seed)
+        (folder / task.MARKER).write_text(json.dumps({"fake": True}))
+
+    monkeypatch.setattr(task, "_build_into", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ensure(tmp_path, quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+    (tmp_path / f"{name}-{task.TASK_VERSION}").mkdir()  # a stray folder without the marker
+    monkeypatch.setattr(task, "_build_into", fake_build)
+    built = ensure(tmp_path, quiet=True)
+    assert (built.model_dir.parent / task.MARKER).is_file()

@@ -84,22 +84,6 @@ def test_ensure_renames_into_place_and_reuses(tmp_path, monkeypatch):
     assert tt.ensure_tiny_task(tmp_path, quiet=True) == task
 
 
-def test_a_crashed_build_leaves_nothing_a_later_run_trusts(tmp_path, monkeypatch):
-    def crash(folder: Path, seed: int, quiet: bool) -> None:
-        (folder / "config.json").write_text("{}")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(tt, "_build_into", crash)
-    with pytest.raises(KeyboardInterrupt):
-        tt.ensure_tiny_task(tmp_path, quiet=True)
-    assert list(tmp_path.iterdir()) == []
-
-    (tmp_path / f"tiny-task-{tt.TASK_VERSION}").mkdir()  # a stray folder without the marker
-    monkeypatch.setattr(tt, "_build_into", _fake_build)
-    task = tt.ensure_tiny_task(tmp_path, quiet=True)
-    assert (task.model_dir.parent / "tiny_task.json").is_file()
-
-
 # ----------------------------------------------------------------------------- the real build
 
 
