@@ -7,6 +7,7 @@ them, flags override the file, and every description shows in `--help`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -29,6 +30,14 @@ class TrainConfig(Config):
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
     seed: int = Field(0, description="seed of the batch order")
     device: str | None = Field(None, pattern=DEVICE_PATTERN, description="cpu, cuda, cuda:N or mps; none picks cuda when available (bf16 autocast on cuda)")
+    # efficiency (issue 12): none of these changes the math, only speed and memory
+    packing: bool = Field(True, description="pack each micro-batch's rows into shared rows (position ids restart per row, no cross-row attention) instead of padding each")
+    logprob_chunk: int = Field(1024, ge=1, description="completion tokens per LM-head chunk: the [chunk, vocab] logits are the only vocab-sized tensor, recomputed in the backward")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="transformers attention kernel (flash_attention_2 needs the flash-attn package and a GPU)")
+    compile: bool = Field(False, description="torch.compile each decoder layer (dynamic shapes; first steps are slow)")
+    activation_checkpointing: bool = Field(False, description="recompute each decoder layer in the backward: less memory, about a third more compute")
+    fsdp: bool = Field(False, description="shard policy, anchor, gradients and optimizer state over the processes with FSDP2 (under torchrun); sharded checkpoints")
+    anchor_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the EMA anchor copy (eta > 0); bfloat16 halves it, but an EMA step below bf16's resolution (eta under ~1/256 of a weight's change) is lost")
 
 
 class OnlineConfig(Config):

@@ -34,23 +34,25 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from bond_data.backends.hf import prompt_token_ids
 from bond_data.config import add_config_flags
 from bond_data.device import resolve_device
 from bond_data.store import Store, StoreError
-from trainer import checkpoints
+from trainer import checkpoints, fsdp
 from trainer.anchor import ema_update
 from trainer.config import TrainConfig
-from trainer.logprobs import autocast, collate
-from trainer.losses import jeffreys_loss, sequence_logprobs
+from trainer.logprobs import SequenceLogprobs, batch_logprobs
+from trainer.losses import jeffreys_loss
+from trainer.packing import collate_packed, collate_padded
 from trainer.metrics import MetricsLog
 
 
 def train(store_root: str, cfg: TrainConfig) -> dict:
     """Train on the round's dataset and register the next anchor; rank 0 holds the store's writer lease."""
     store = Store(store_root)
-    rank, world = _init_distributed()
+    rank, world = _init_distributed(cfg.fsdp)
     lease = store.writing(f"bond train --round {cfg.round}") if rank == 0 else contextlib.nullcontext()
     with lease:
         return _train(store, cfg, rank, world)
@@ -67,16 +69,18 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
     dataset = _dataset_record(store, cfg)
     run_dir = store.root / "train" / f"round={cfg.round}" / dataset["dataset_id"]
     resume = checkpoints.latest_checkpoint(run_dir)
+    sharded_resume = resume is not None and fsdp.is_sharded(resume)
     anchor = store.anchor(cfg.round)
-    policy, tokenizer = checkpoints.load_policy(resume or anchor["anchor_path"], device)
-    ema = {k: v.detach().clone() for k, v in policy.state_dict().items()} if cfg.eta > 0 else None
-    model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
+    start = anchor["anchor_path"] if resume is None or sharded_resume else resume
+    policy, tokenizer = checkpoints.load_policy(start, device, cfg.attn_implementation)
+    model = _wrap(policy, cfg, device, world)  # SequenceLogprobs, under FSDP2 / DDP when distributed
+    ema = fsdp.anchor_copy(policy, getattr(torch, cfg.anchor_dtype)) if cfg.eta > 0 else None
 
     rows = _load_rows(store.root / dataset["path"], tokenizer)
     plan = _batch_plan(rows, cfg.micro_batch_size, cfg.grad_accum, cfg.epochs, cfg.seed, world)  # [step][rank][micro]
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    step = _restore(resume, opt, sched, ema) if resume else 0
+    step = _restore(resume, policy, opt, sched, ema, sharded_resume) if resume else 0
 
     log = MetricsLog(run_dir / "metrics.jsonl", rank, total=len(plan), start=step)
     metrics: dict = {}
@@ -84,8 +88,9 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
     while step < len(plan):
         t0 = time.perf_counter()
         batch = [[rows[i] for i in micro] for micro in plan[step][rank]]
-        metrics = train_step(model, batch, cfg.beta, cfg.gamma, global_rows, world, device)  # forward + backward
-        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
+        metrics = train_step(model, batch, cfg.beta, cfg.gamma, global_rows, world, device,
+                             packing=cfg.packing)  # forward + backward
+        metrics["grad_norm"] = _clip_gradients(policy, cfg.max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -94,17 +99,36 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
         step += 1
         log.write(step, metrics, time.perf_counter() - t0, sched.get_last_lr()[0])
         if step % cfg.checkpoint_every == 0 or step == len(plan):
-            _checkpoint(run_dir / f"step-{step}", policy, tokenizer, opt, sched, ema, step, rank, world)
+            _checkpoint(run_dir / f"step-{step}", policy, tokenizer, opt, sched, ema, step, rank, world, cfg.fsdp)
     log.close()
 
-    result = _refresh_anchor(store, cfg, dataset, anchor, policy, tokenizer, ema, rank, world)
+    final = _final_model(policy, ema, cfg, anchor["anchor_path"], rank)  # rank 0: a plain model to register
+    result = _refresh_anchor(store, cfg, dataset, anchor, final, tokenizer, rank, world)
     return {**result, "steps": len(plan), "last_step": metrics}  # last_step: {} when resumed at the end
 
 
+def _wrap(policy, cfg: TrainConfig, device: torch.device, world: int) -> torch.nn.Module:
+    """The policy as a SequenceLogprobs module (chunked LM head), with activation checkpointing and
+    torch.compile per decoder layer if asked, sharded (FSDP2) or replicated (DDP) over processes."""
+    if cfg.activation_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = policy.get_decoder().layers
+    if cfg.compile:
+        for layer in layers:
+            layer.compile(dynamic=True)
+    model = SequenceLogprobs(policy, cfg.logprob_chunk)
+    if cfg.fsdp:
+        if world == 1 and not dist.is_initialized():
+            raise ValueError("--fsdp needs torch.distributed: run under torchrun (one process is fine)")
+        return fsdp.shard(model, layers, device)
+    return torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+
 # ---- setup -----------------------------------------------------------------------------------
-def _init_distributed() -> tuple[int, int]:
+def _init_distributed(fsdp: bool) -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; FSDP needs a process group even for one process."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or (fsdp and "MASTER_ADDR" in os.environ)) and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
@@ -157,33 +181,57 @@ def _batch_plan(rows: list[dict], micro_batch_size: int, grad_accum: int, epochs
 
 # ---- one optimizer step ----------------------------------------------------------------------
 def train_step(model, micro_batches: list[list[dict]], beta: float, gamma: float, global_rows: int, world: int,
-               device: torch.device) -> dict:
+               device: torch.device, packing: bool = True) -> dict:
     """Forward + backward over this rank's micro-batches of rows (prompt ids, completion ids, weight,
     weight_pool, log A); losses scaled so that the summed (and DDP-averaged) gradient is that of the mean over
-    the `global_rows` rows of the global batch."""
+    the `global_rows` rows of the global batch. `model`: a SequenceLogprobs (maybe DDP / FSDP-wrapped)."""
     totals = {"loss": 0.0, "forward": 0.0, "backward": 0.0, "anchor_kl": 0.0, "log_ratio": 0.0, "tokens": 0}
-    for i, batch in enumerate(micro_batches):
-        input_ids, attention, labels, mask = collate(batch, device)
-        weight = torch.tensor([r["weight"] for r in batch], device=device, dtype=torch.float32)  # forward term
-        weight_pool = torch.tensor([r["weight_pool"] for r in batch], device=device, dtype=torch.float32)  # backward
-        logp_anchor = torch.tensor([r["logp_anchor"] for r in batch], device=device, dtype=torch.float32)
-        sync = contextlib.nullcontext() if i == len(micro_batches) - 1 or world == 1 else model.no_sync()
-        with sync:
-            with autocast(device):
-                logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]  # [B, T-1, V]
-            logp_policy = sequence_logprobs(logits, labels, mask)  # [B]
+    fed = 0
+    for i, rows in enumerate(micro_batches):
+        batch = collate_packed(rows) if packing else collate_padded(rows)
+        weight = torch.tensor([r["weight"] for r in rows], device=device, dtype=torch.float32)  # forward term
+        weight_pool = torch.tensor([r["weight_pool"] for r in rows], device=device, dtype=torch.float32)  # backward
+        logp_anchor = torch.tensor([r["logp_anchor"] for r in rows], device=device, dtype=torch.float32)
+        with _gradient_sync(model, last=i == len(micro_batches) - 1, world=world):
+            logp_policy = batch_logprobs(model, batch, device)  # [B]
             terms = jeffreys_loss(logp_policy, logp_anchor, weight, beta, gamma, weight_pool)
-            scale = len(batch) / global_rows * world
+            scale = len(rows) / global_rows * world
             (terms["loss"] * scale).backward()
         for k in ("loss", "forward", "backward", "anchor_kl"):
             totals[k] += float(terms[k].detach()) * scale
         totals["log_ratio"] += float((logp_policy - logp_anchor).detach().sum()) / global_rows * world
-        totals["tokens"] += int(mask.sum())
+        totals["tokens"] += batch.tokens
+        fed += batch.input_ids.numel()
+    totals["padding"] = 1 - totals["tokens"] / fed  # share of the positions fed that were padding
     return totals
 
 
+def _clip_gradients(policy, max_norm: float) -> float:
+    """Global gradient-norm clip; the norm before clipping (a DTensor under FSDP: gathered)."""
+    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+def _gradient_sync(model, last: bool, world: int):
+    """Reduce gradients over processes only after the last micro-batch of a step (DDP: no_sync;
+    FSDP2: set_requires_gradient_sync)."""
+    if world == 1 or last:
+        if hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
 # ---- logging, checkpoints, the anchor refresh -------------------------------------------------
-def _checkpoint(folder: Path, policy, tokenizer, opt, sched, ema, step: int, rank: int, world: int) -> None:
+def _checkpoint(folder: Path, policy, tokenizer, opt, sched, ema, step: int, rank: int, world: int,
+                sharded: bool) -> None:
+    if sharded:  # every process writes its shards
+        extra = {"step": step, "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
+        fsdp.save_sharded(folder, policy, opt, ema, extra, rank)
+        return
     if rank == 0:
         state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "ema": ema,
                  "rng": torch.get_rng_state()}
@@ -192,26 +240,44 @@ def _checkpoint(folder: Path, policy, tokenizer, opt, sched, ema, step: int, ran
         dist.barrier()
 
 
-def _restore(folder: Path, opt, sched, ema) -> int:
-    state = torch.load(folder / "trainer_state.pt", weights_only=True)  # tensors and plain data only: no code runs
-    opt.load_state_dict(state["optimizer"])
+def _restore(folder: Path, policy, opt, sched, ema, sharded: bool) -> int:
+    if sharded:
+        extra = {"step": 0, "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
+        state = fsdp.load_sharded(folder, policy, opt, ema, extra)
+    else:
+        state = torch.load(folder / "trainer_state.pt", weights_only=True)  # tensors and plain data only: no code runs
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None and state["ema"] is not None:
+            for k, v in state["ema"].items():
+                ema[k].copy_(v)
     sched.load_state_dict(state["scheduler"])
-    if ema is not None and state["ema"] is not None:
-        for k, v in state["ema"].items():
-            ema[k].copy_(v)
     torch.set_rng_state(state["rng"])
     return state["step"]
 
 
-def _refresh_anchor(store: Store, cfg: TrainConfig, dataset: dict, anchor: dict, policy, tokenizer, ema,
+def _final_model(policy, ema, cfg: TrainConfig, anchor_path: str, rank: int):
+    """The next anchor as a plain model on rank 0 (None elsewhere): the EMA (eta > 0) or the policy.
+    Under FSDP the full weights are gathered into a fresh unsharded copy of the architecture."""
+    if not cfg.fsdp:
+        if rank == 0 and ema is not None:
+            policy.load_state_dict(ema)
+        return policy if rank == 0 else None
+    state = fsdp.full_state(policy, ema)  # collective
+    if rank != 0:
+        return None
+    plain, _ = checkpoints.load_policy(anchor_path, torch.device("cpu"), cfg.attn_implementation)
+    plain.load_state_dict(state)
+    return plain
+
+
+def _refresh_anchor(store: Store, cfg: TrainConfig, dataset: dict, anchor: dict, final, tokenizer,
                     rank: int, world: int) -> dict:
-    """Write A_{t+1} (EMA or hard refresh) atomically, then register it: that starts round t + 1."""
+    """Write A_{t+1} (EMA or hard refresh, as `final` on rank 0) atomically, then register it: that
+    starts round t + 1."""
     folder = store.root / "anchors" / f"round={cfg.round + 1}"
     if rank == 0:
-        if ema is not None:
-            policy.load_state_dict(ema)
         meta = {"parent_round": cfg.round, "parent_hash": anchor["anchor_hash"], "dataset_id": dataset["dataset_id"]}
-        digest = checkpoints.save_checkpoint(folder, policy, tokenizer, meta=meta)
+        digest = checkpoints.save_checkpoint(folder, final, tokenizer, meta=meta)
         store.register_anchor(cfg.round + 1, str(folder), digest, parent_round=cfg.round,
                               config={**cfg.model_dump(), **meta})
     if world > 1:
