@@ -51,8 +51,11 @@ from trainer.metrics import MetricsLog
 
 def train(store_root: str, cfg: TrainConfig) -> dict:
     """Train on the round's dataset and register the next anchor; rank 0 holds the store's writer lease."""
-    store = Store(store_root)
     rank, world = _init_distributed(cfg.fsdp)
+    if cfg.fsdp and not dist.is_initialized():
+        raise ValueError("field 'fsdp': needs torch.distributed; run under torchrun "
+                         "(python -m torch.distributed.run --nproc_per_node=N -m trainer.train ...; N = 1 works)")
+    store = Store(store_root)
     lease = store.writing(f"bond train --round {cfg.round}") if rank == 0 else contextlib.nullcontext()
     with lease:
         return _train(store, cfg, rank, world)
@@ -118,8 +121,6 @@ def _wrap(policy, cfg: TrainConfig, device: torch.device, world: int) -> torch.n
             layer.compile(dynamic=True)
     model = SequenceLogprobs(policy, cfg.logprob_chunk)
     if cfg.fsdp:
-        if world == 1 and not dist.is_initialized():
-            raise ValueError("--fsdp needs torch.distributed: run under torchrun (one process is fine)")
         return fsdp.shard(model, layers, device)
     return torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
