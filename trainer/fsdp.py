@@ -42,9 +42,15 @@ def shard(model: torch.nn.Module, layers: torch.nn.ModuleList, device: torch.dev
 
 
 def anchor_copy(policy: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The EMA anchor: a detached copy of the policy's state dict (sharded like it under FSDP)."""
-    return {k: v.detach().to(dtype=dtype if v.is_floating_point() else v.dtype).clone()
-            for k, v in policy.state_dict().items()}
+    """The EMA anchor: a detached copy of the policy's state dict in `dtype` (sharded like it under
+    FSDP); tied weights are copied once and held under both names."""
+    copies, out = {}, {}
+    for k, v in policy.state_dict().items():
+        ptr = (v.to_local() if isinstance(v, DTensor) else v).data_ptr()
+        if ptr not in copies:
+            copies[ptr] = v.detach().to(dtype=dtype if v.is_floating_point() else v.dtype).clone()
+        out[k] = copies[ptr]
+    return out
 
 
 def save_sharded(folder: Path, policy, opt, ema, extra: dict, rank: int) -> None:
