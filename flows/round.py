@@ -64,6 +64,8 @@ def _run_rounds(st: Store, num: int, generate: dict, score: dict, build: dict, t
         last = result.get("last_step") or {}
         losses = (f", last step loss {last['loss']:.4f} (forward {last['forward']:.4f}, backward {last['backward']:.4f}), "
                   f"mean log pi/A {last['log_ratio']:.3f}") if last else ""
+        if result.get("padding") is not None:
+            losses += f", padding {result['padding']:.1%} of the positions fed"
         print(f"round {t}: trained {result.get('steps', 0)} steps{losses}; anchor {t + 1} = "
               f"{result['next_anchor']['anchor_hash'][:12]}")
         done.append({"round": t, "dataset_id": dataset["dataset_id"], "next_anchor": result["next_anchor"]})

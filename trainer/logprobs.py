@@ -5,8 +5,9 @@ J-BOND and the evaluation turn (prompt ids, completion ids) rows into log pi(y |
 
 computed without the [tokens, vocab] logits or their fp32 log-softmax: the decoder's last hidden
 states are taken only at the M positions that predict completion tokens, and the head runs over
-them in chunks of `chunk` tokens, each under activation checkpointing, so the forward keeps
-nothing of size V and the backward recomputes one chunk's [chunk, V] logits at a time. At a 150k
+them in chunks of `chunk` tokens (a custom autograd Function, as Liger's fused linear
+cross-entropy), so the forward keeps nothing of size V and the backward recomputes one chunk's
+[chunk, V] logits at a time and turns them into their gradient in place. At a 150k
 vocabulary that is the difference between gigabytes and a few hundred megabytes per micro-batch.
 Models whose head is not a plain linear layer (other than Gemma-2's final logit soft-capping,
 handled here) would need their own head function.
@@ -18,7 +19,6 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from trainer.packing import Batch, collate_packed
 
@@ -44,35 +44,68 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    softcap: float | None) -> torch.Tensor:
-    """[c] log-softmax of the head's logits at the targets, for one chunk of hidden states [c, H]."""
-    logits = F.linear(hidden, weight, bias).float()  # [c, V], the only V-sized tensor, freed after
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+def _chunk_logits(hidden, weight, bias, softcap):
+    """[c, V] fp32 logits of one chunk (soft-capped as Gemma-2 does when `softcap` is set)."""
+    logits = F.linear(hidden, weight, bias).float()
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """log softmax(W h)[target] per row, chunk by chunk; the backward recomputes each chunk's logits
+    and turns them in place into d logp / d logits = onehot - softmax, so one [chunk, V] fp32 buffer
+    is the peak (two with soft-capping); d W accumulates over the chunks in one buffer."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, hidden, targets, weight, bias, chunk, softcap):
+        out = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = _chunk_logits(hidden[s : s + chunk], weight, bias, softcap)  # [c, V]
+            out[s : s + chunk] = logits.gather(-1, targets[s : s + chunk, None])[:, 0] - torch.logsumexp(logits, -1)
+        ctx.save_for_backward(hidden, targets, weight, bias)
+        ctx.chunk, ctx.softcap = chunk, softcap
+        return out
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_out):
+        hidden, targets, weight, bias = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h, g = hidden[s : s + ctx.chunk], grad_out[s : s + ctx.chunk, None]  # [c, H], [c, 1]
+            raw = F.linear(h, weight, bias).float()  # [c, V]
+            squash = torch.tanh(raw / ctx.softcap) if ctx.softcap else None
+            d = squash * ctx.softcap if ctx.softcap else raw  # the logits; becomes their gradient in place
+            d.sub_(d.max(-1, keepdim=True).values).exp_()
+            d.div_(d.sum(-1, keepdim=True)).mul_(-g)  # -g * softmax
+            d.scatter_add_(-1, targets[s : s + ctx.chunk, None], g)  # + g * onehot
+            if ctx.softcap:  # through cap * tanh(z / cap): times 1 - tanh^2
+                d.mul_(squash.square_().neg_().add_(1))
+            d = d.to(weight.dtype)  # under autocast the two products below run in bf16 anyway
+            grad_hidden[s : s + ctx.chunk] = (d @ weight).to(hidden.dtype)  # [c, H]
+            grad_weight.add_(d.T @ h.to(d.dtype))  # [V, H]
+            if grad_bias is not None:
+                grad_bias.add_(d.sum(0))
+        return grad_hidden, None, grad_weight.to(weight.dtype), None if bias is None else grad_bias.to(bias.dtype), None, None
 
 
 def chunked_token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-                           bias: torch.Tensor | None = None, chunk: int = 1024,
+                           bias: torch.Tensor | None = None, chunk: int = 512,
                            softcap: float | None = None) -> torch.Tensor:
     """[M] log p(targets) from hidden states [M, H] through the head (weight [V, H]), `chunk` rows at
     a time; with gradient, each chunk recomputed in the backward (nothing [M, V] is ever stored)."""
-    out = []
-    for s in range(0, hidden.shape[0], chunk):
-        args = (hidden[s : s + chunk], targets[s : s + chunk], weight, bias, softcap)
-        if torch.is_grad_enabled():
-            out.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
-        else:
-            out.append(_chunk_logprobs(*args))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return _ChunkedLogprobs.apply(hidden, targets, weight, bias, chunk, softcap)
 
 
 class SequenceLogprobs(torch.nn.Module):
     """A causal LM as a module whose forward returns [B] completion log-probs of a `Batch`: what
     DDP / FSDP wrap, so their hooks see one forward per micro-batch."""
 
-    def __init__(self, lm, chunk: int = 1024):
+    def __init__(self, lm, chunk: int = 512):
         super().__init__()
         self.lm = lm
         self.chunk = chunk
@@ -94,7 +127,7 @@ def batch_logprobs(model: SequenceLogprobs, batch: Batch, device: torch.device) 
         return model(b.input_ids, b.attention_mask, b.position_ids, b.index, b.targets, b.row, b.n_rows)
 
 
-def completion_logprobs(model, rows: list[dict], device: torch.device, chunk: int = 1024) -> torch.Tensor:
+def completion_logprobs(model, rows: list[dict], device: torch.device, chunk: int = 512) -> torch.Tensor:
     """[B] log model(completion | prompt), summed over the completion's tokens (with gradient
     unless called under no_grad / inference_mode); rows packed, the head chunked."""
     wrapped = model if isinstance(model, SequenceLogprobs) else SequenceLogprobs(model, chunk)

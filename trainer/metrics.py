@@ -29,7 +29,8 @@ class MetricsLog:
         record = {"step": step, "lr": lr, **metrics, "tokens_per_s": metrics["tokens"] / seconds}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        self.progress.update(self.task, advance=1, description=f"loss {metrics['loss']:.4f}")
+        padding = f", padding {metrics['padding']:.1%}" if "padding" in metrics else ""
+        self.progress.update(self.task, advance=1, description=f"loss {metrics['loss']:.4f}{padding}")
 
     def close(self) -> None:
         if not self.rank:

@@ -69,10 +69,11 @@ def _completion_targets(rows: list[dict], starts: list[int]) -> tuple[list[int],
 
 
 def collate_packed(rows: list[dict], capacity: int | None = None) -> Batch:
-    """Pack rows into bins of `capacity` tokens (default: the longest row) on the CPU."""
+    """Pack rows into bins of `capacity` tokens (default: the longest row) on the CPU; the packed
+    rows are as wide as the fullest bin."""
     seqs = [r["prompt"] + r["completion"] for r in rows]
-    width = max(max(map(len, seqs)), capacity or 0)
-    bins = pack_bins([len(s) for s in seqs], width)
+    bins = pack_bins([len(s) for s in seqs], max(max(map(len, seqs)), capacity or 0))
+    width = max(sum(len(seqs[i]) for i in b) for b in bins)  # the fullest bin, at most the capacity
     input_ids = torch.zeros(len(bins), width, dtype=torch.long)
     position_ids = torch.zeros(len(bins), width, dtype=torch.long)
     starts = [0] * len(rows)

@@ -87,13 +87,15 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
 
     log = MetricsLog(run_dir / "metrics.jsonl", rank, total=len(plan), start=step)
     metrics: dict = {}
+    fed = {"tokens": 0, "positions": 0}  # this run's steps: the padding share it prints
     global_rows = cfg.micro_batch_size * cfg.grad_accum * world
     while step < len(plan):
         t0 = time.perf_counter()
         batch = [[rows[i] for i in micro] for micro in plan[step][rank]]
         metrics = train_step(model, batch, cfg.beta, cfg.gamma, global_rows, world, device,
-                             packing=cfg.packing)  # forward + backward
+                             packing=cfg.packing, pack_length=cfg.pack_length)  # forward + backward
         metrics["grad_norm"] = _clip_gradients(policy, cfg.max_grad_norm)
+        fed = {k: fed[k] + metrics[k] for k in fed}
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -107,14 +109,16 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
 
     final = _final_model(policy, ema, cfg, anchor["anchor_path"], rank)  # rank 0: a plain model to register
     result = _refresh_anchor(store, cfg, dataset, anchor, final, tokenizer, rank, world)
-    return {**result, "steps": len(plan), "last_step": metrics}  # last_step: {} when resumed at the end
+    padding = 1 - fed["tokens"] / fed["positions"] if fed["positions"] else None  # None when resumed at the end
+    return {**result, "steps": len(plan), "padding": padding, "last_step": metrics}  # last_step: {} likewise
 
 
 def _wrap(policy, cfg: TrainConfig, device: torch.device, world: int) -> torch.nn.Module:
     """The policy as a SequenceLogprobs module (chunked LM head), with activation checkpointing and
     torch.compile per decoder layer if asked, sharded (FSDP2) or replicated (DDP) over processes."""
-    if cfg.activation_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.activation_checkpointing:  # transformers >= 5.24 renamed gradient_checkpointing_enable
+        enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     layers = policy.get_decoder().layers
     if cfg.compile:
         for layer in layers:
@@ -182,14 +186,14 @@ def _batch_plan(rows: list[dict], micro_batch_size: int, grad_accum: int, epochs
 
 # ---- one optimizer step ----------------------------------------------------------------------
 def train_step(model, micro_batches: list[list[dict]], beta: float, gamma: float, global_rows: int, world: int,
-               device: torch.device, packing: bool = True) -> dict:
+               device: torch.device, packing: bool = True, pack_length: int | None = None) -> dict:
     """Forward + backward over this rank's micro-batches of rows (prompt ids, completion ids, weight,
     weight_pool, log A); losses scaled so that the summed (and DDP-averaged) gradient is that of the mean over
     the `global_rows` rows of the global batch. `model`: a SequenceLogprobs (maybe DDP / FSDP-wrapped)."""
     totals = {"loss": 0.0, "forward": 0.0, "backward": 0.0, "anchor_kl": 0.0, "log_ratio": 0.0, "tokens": 0}
     fed = 0
     for i, rows in enumerate(micro_batches):
-        batch = collate_packed(rows) if packing else collate_padded(rows)
+        batch = collate_packed(rows, pack_length) if packing else collate_padded(rows)
         weight = torch.tensor([r["weight"] for r in rows], device=device, dtype=torch.float32)  # forward term
         weight_pool = torch.tensor([r["weight_pool"] for r in rows], device=device, dtype=torch.float32)  # backward
         logp_anchor = torch.tensor([r["logp_anchor"] for r in rows], device=device, dtype=torch.float32)
@@ -203,6 +207,7 @@ def train_step(model, micro_batches: list[list[dict]], beta: float, gamma: float
         totals["log_ratio"] += float((logp_policy - logp_anchor).detach().sum()) / global_rows * world
         totals["tokens"] += batch.tokens
         fed += batch.input_ids.numel()
+    totals["positions"] = fed
     totals["padding"] = 1 - totals["tokens"] / fed  # share of the positions fed that were padding
     return totals
 

@@ -85,14 +85,21 @@ def test_pack_bins_is_a_partition_within_capacity():
     assert pack_bins([70, 10], 60) == [[0], [1]]  # an over-long item gets a bin of its own
 
 
-def test_chunked_token_logprobs_match_log_softmax_with_softcap():
+def test_chunked_token_logprobs_and_gradients_match_log_softmax_with_bias_and_softcap():
     g = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(13, 8, generator=g), torch.randn(50, 8, generator=g)
-    targets = torch.randint(0, 50, (13,), generator=g)
+    bias, targets = torch.randn(50, generator=g), torch.randint(0, 50, (13,), generator=g)
+    coef = torch.randn(13, generator=g)  # d loss / d logp, of both signs
     for softcap in (None, 3.0):
-        logits = hidden @ weight.T
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        logits = leaves[0] @ leaves[1].T + leaves[2]
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         want = torch.log_softmax(logits, -1)[torch.arange(13), targets]
-        got = chunked_token_logprobs(hidden, targets, weight, chunk=4, softcap=softcap)
+        want_grads = torch.autograd.grad((want * coef).sum(), leaves)
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        got = chunked_token_logprobs(leaves[0], targets, leaves[1], leaves[2], chunk=4, softcap=softcap)
+        got_grads = torch.autograd.grad((got * coef).sum(), leaves)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        for a, b in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
