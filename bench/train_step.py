@@ -18,7 +18,8 @@ absolute tokens/s and MFU = 6 * params * tokens/s over the card's dense bf16 pea
 
     python bench/train_step.py --quick            # CPU, under 2 minutes
     python bench/train_step.py                    # CPU, default sizes
-    python bench/train_step.py --device cuda      # GPU: before vs after, then compile / checkpointing
+    python bench/train_step.py --device cuda      # GPU: before vs after, then compile / checkpointing / FSDP2
+    bash bench/gpu_train_step.sh                  # the same on a lent GPU machine, output under $OUT
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import time
 import torch
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, no sparsity
+VARIANTS = {"before": ("before", ()), "after": ("after", ()), "compile": ("after", ("--compile",)),
+            "checkpointing": ("after", ("--checkpointing",)), "fsdp": ("after", ("--fsdp",))}
 SIZES = {  # model shape, rows per micro-batch, micro-batches per step, completion lengths, prompt lengths
     "cpu-quick": dict(hidden=128, inter=384, layers=2, rows=8, micro=1, completion=(32, 160), prompt=(16, 32), steps=2),
     "cpu": dict(hidden=256, inter=704, layers=4, rows=8, micro=1, completion=(128, 384), prompt=(32, 64), steps=3),
@@ -54,7 +57,7 @@ def build_model(size: dict, device: torch.device, attn: str):
 
 def build_rows(size: dict) -> list[dict]:
     g = torch.Generator().manual_seed(1)
-    length = lambda lo_hi: int(torch.randint(lo_hi[0], lo_hi[1] + 1, (1,), generator=g))  # noqa: E731
+    length = lambda lo_hi: int(torch.randint(lo_hi[0], lo_hi[1] + 1, (1,), generator=g))
     rows = []
     for _ in range(size["rows"] * size["micro"]):
         n = length(size["completion"])
@@ -74,8 +77,8 @@ def step_before(policy, micro_batches, beta, gamma, global_rows, device) -> dict
     for rows in micro_batches:
         fed += collate(rows, torch.device("cpu"))[0].numel()
         logp_policy = full_logits_logprobs(policy, rows, device)  # [B]
-        t = lambda k: torch.tensor([r[k] for r in rows], device=device)  # noqa: E731
-        terms = jeffreys_loss(logp_policy, t("logp_anchor"), t("weight"), beta, gamma, t("weight_pool"))
+        col = {k: torch.tensor([r[k] for r in rows], device=device) for k in ("logp_anchor", "weight", "weight_pool")}
+        terms = jeffreys_loss(logp_policy, col["logp_anchor"], col["weight"], beta, gamma, col["weight_pool"])
         (terms["loss"] * len(rows) / global_rows).backward()
         loss += float(terms["loss"].detach()) * len(rows) / global_rows
     tokens = sum(len(r["prompt"]) + len(r["completion"]) for m in micro_batches for r in m)
@@ -85,7 +88,7 @@ def step_before(policy, micro_batches, beta, gamma, global_rows, device) -> dict
 def worker(args) -> None:
     """One variant in this (child) process; prints one JSON line."""
     from trainer.logprobs import SequenceLogprobs
-    from trainer.train import train_step
+    from trainer.step import train_step
 
     device = torch.device(args.device)
     size = SIZES[args.size]
@@ -93,7 +96,7 @@ def worker(args) -> None:
     rows = build_rows(size)
     micro = [rows[i : i + size["rows"]] for i in range(0, len(rows), size["rows"])]
     if args.variant == "before":
-        step = lambda: step_before(policy, micro, 0.5, 0.05, len(rows), device)  # noqa: E731
+        step = lambda: step_before(policy, micro, 0.5, 0.05, len(rows), device)
     else:
         if args.checkpointing:
             enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
@@ -102,7 +105,17 @@ def worker(args) -> None:
             for layer in policy.get_decoder().layers:
                 layer.compile(dynamic=True)
         model = SequenceLogprobs(policy, args.chunk)
-        step = lambda: train_step(model, micro, 0.5, 0.05, len(rows), 1, device)  # noqa: E731
+        if args.fsdp:  # FSDP2 over a one-process group: its bf16 MixedPrecisionPolicy and hooks, no peers
+            import os
+
+            import torch.distributed as dist
+
+            from trainer.fsdp import shard
+
+            os.environ.update(MASTER_ADDR="localhost", MASTER_PORT="29591", RANK="0", WORLD_SIZE="1")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            model = shard(model, policy.get_decoder().layers, device)
+        step = lambda: train_step(model, micro, 0.5, 0.05, len(rows), 1, device)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
 
     def one_step():
@@ -143,7 +156,7 @@ def sync(device: torch.device) -> None:
 def run_variant(args, variant: str, *extra: str) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", variant, "--device", args.device, "--size", args.size,
            "--attn", args.attn, "--chunk", str(args.chunk), *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         tail = (out.stderr.strip().splitlines() or ["?"])[-1]
         print(f"{variant} {' '.join(extra)}: failed ({tail[:200]})")
@@ -157,10 +170,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="CPU: a smaller model and batch (under 2 minutes)")
     ap.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, flex_attention, ...)")
     ap.add_argument("--chunk", type=int, default=512, help="completion tokens per LM-head chunk")
+    ap.add_argument("--variants", help=f"comma-separated, of {', '.join(VARIANTS)} (default: before,after on "
+                    "the CPU, all on CUDA)")
     ap.add_argument("--worker", choices=["before", "after"], help=argparse.SUPPRESS)
     ap.add_argument("--size", help=argparse.SUPPRESS)
     ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--fsdp", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         args.variant = args.worker
@@ -171,9 +187,9 @@ def main() -> None:
     print(f"{name}, torch {torch.__version__}, Qwen2 shape {size['hidden']} hidden x {size['layers']} layers, "
           f"vocab 151936; {size['rows'] * size['micro']} rows per step ({size['micro']} micro-batches), "
           f"completions {size['completion'][0]}-{size['completion'][1]} tokens, {size['steps']} timed steps")
-    variants = [("before", ()), ("after", ())]
-    if args.device.startswith("cuda"):
-        variants += [("after", ("--compile",)), ("after", ("--checkpointing",))]
+    names = args.variants.split(",") if args.variants else \
+        list(VARIANTS) if args.device.startswith("cuda") else ["before", "after"]
+    variants = [VARIANTS[n] for n in names]
     results = []
     for variant, extra in variants:
         r = run_variant(args, variant, *extra)

@@ -36,7 +36,7 @@ class Batch:
         return 1.0 - self.tokens / self.input_ids.numel()
 
     def to(self, device: torch.device) -> Batch:
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
         return Batch(move(self.input_ids), move(self.attention_mask), move(self.position_ids), move(self.index),
                      move(self.targets), move(self.row), self.n_rows, self.tokens)
 

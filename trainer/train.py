@@ -17,8 +17,13 @@ How this differs from the paper:
    sampler` the log-prob under the tempered sampler that drew the pool (older datasets:
    `anchor_logprob`).
 
+The step (trainer/step.py) packs each micro-batch's rows into shared rows and takes log-probs
+through a chunked LM head at completion positions only (trainer/packing.py, trainer/logprobs.py):
+the same numbers as padded rows and full logits, without the [tokens, vocab] tensors.
+
     bond train --store DIR --round R [--beta 0.5 --eta 0 ...]          # one process
     torchrun --nproc_per_node=2 -m trainer.train --store DIR --round R  # DDP (gloo on CPU, nccl on GPU)
+    torchrun --nproc_per_node=8 -m trainer.train --store DIR --round R --fsdp true  # FSDP2 (trainer/fsdp.py)
 """
 
 from __future__ import annotations
@@ -43,9 +48,8 @@ from bond_data.store import Store, StoreError
 from trainer import checkpoints, fsdp
 from trainer.anchor import ema_update
 from trainer.config import TrainConfig
-from trainer.logprobs import SequenceLogprobs, batch_logprobs
-from trainer.losses import jeffreys_loss
-from trainer.packing import collate_packed, collate_padded
+from trainer.logprobs import SequenceLogprobs
+from trainer.step import train_step
 from trainer.metrics import MetricsLog
 
 
@@ -73,6 +77,9 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
     run_dir = store.root / "train" / f"round={cfg.round}" / dataset["dataset_id"]
     resume = checkpoints.latest_checkpoint(run_dir)
     sharded_resume = resume is not None and fsdp.is_sharded(resume)
+    if resume is not None and sharded_resume != cfg.fsdp:
+        raise ValueError(f"field 'fsdp': {resume} was written {'with' if sharded_resume else 'without'} --fsdp; "
+                         "resume with the same setting")
     anchor = store.anchor(cfg.round)
     start = anchor["anchor_path"] if resume is None or sharded_resume else resume
     policy, tokenizer = checkpoints.load_policy(start, device, cfg.attn_implementation)
@@ -184,51 +191,11 @@ def _batch_plan(rows: list[dict], micro_batch_size: int, grad_accum: int, epochs
     return plan
 
 
-# ---- one optimizer step ----------------------------------------------------------------------
-def train_step(model, micro_batches: list[list[dict]], beta: float, gamma: float, global_rows: int, world: int,
-               device: torch.device, packing: bool = True, pack_length: int | None = None) -> dict:
-    """Forward + backward over this rank's micro-batches of rows (prompt ids, completion ids, weight,
-    weight_pool, log A); losses scaled so that the summed (and DDP-averaged) gradient is that of the mean over
-    the `global_rows` rows of the global batch. `model`: a SequenceLogprobs (maybe DDP / FSDP-wrapped)."""
-    totals = {"loss": 0.0, "forward": 0.0, "backward": 0.0, "anchor_kl": 0.0, "log_ratio": 0.0, "tokens": 0}
-    fed = 0
-    for i, rows in enumerate(micro_batches):
-        batch = collate_packed(rows, pack_length) if packing else collate_padded(rows)
-        weight = torch.tensor([r["weight"] for r in rows], device=device, dtype=torch.float32)  # forward term
-        weight_pool = torch.tensor([r["weight_pool"] for r in rows], device=device, dtype=torch.float32)  # backward
-        logp_anchor = torch.tensor([r["logp_anchor"] for r in rows], device=device, dtype=torch.float32)
-        with _gradient_sync(model, last=i == len(micro_batches) - 1, world=world):
-            logp_policy = batch_logprobs(model, batch, device)  # [B]
-            terms = jeffreys_loss(logp_policy, logp_anchor, weight, beta, gamma, weight_pool)
-            scale = len(rows) / global_rows * world
-            (terms["loss"] * scale).backward()
-        for k in ("loss", "forward", "backward", "anchor_kl"):
-            totals[k] += float(terms[k].detach()) * scale
-        totals["log_ratio"] += float((logp_policy - logp_anchor).detach().sum()) / global_rows * world
-        totals["tokens"] += batch.tokens
-        fed += batch.input_ids.numel()
-    totals["positions"] = fed
-    totals["padding"] = 1 - totals["tokens"] / fed  # share of the positions fed that were padding
-    return totals
-
-
+# ---- one optimizer step (forward + backward: trainer/step.py) -------------------------------
 def _clip_gradients(policy, max_norm: float) -> float:
     """Global gradient-norm clip; the norm before clipping (a DTensor under FSDP: gathered)."""
     norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-
-
-def _gradient_sync(model, last: bool, world: int):
-    """Reduce gradients over processes only after the last micro-batch of a step (DDP: no_sync;
-    FSDP2: set_requires_gradient_sync)."""
-    if world == 1 or last:
-        if hasattr(model, "set_requires_gradient_sync"):
-            model.set_requires_gradient_sync(True)
-        return contextlib.nullcontext()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(False)
-        return contextlib.nullcontext()
-    return model.no_sync()
 
 
 # ---- logging, checkpoints, the anchor refresh -------------------------------------------------

@@ -25,7 +25,7 @@ def tiny_lm(family="llama", vocab=97, tie=True, seed=0):
 
 def random_rows(n=9, vocab=97, seed=1):
     g = torch.Generator().manual_seed(seed)
-    rand = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))  # noqa: E731
+    rand = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))
     return [{"prompt": torch.randint(1, vocab, (rand(1, 9),), generator=g).tolist(),
              "completion": torch.randint(1, vocab, (rand(1, 14),), generator=g).tolist()} for _ in range(n)]
 
