@@ -1,5 +1,5 @@
-"""FSDP2 (`--fsdp`) on CPU with gloo: two processes train to the same parameters as one FSDP process
-and as the plain in-process trainer, with an EMA anchor; a crashed two-process run resumes from its
+"""FSDP2 (`--fsdp`) on CPU with gloo: two processes train to the same parameters as the plain
+one-process trainer (twice the accumulation), with an EMA anchor; a crashed two-process run resumes from its
 sharded checkpoint to the same parameters. The anchor in bf16 stays within bf16 rounding."""
 
 from __future__ import annotations
@@ -53,15 +53,13 @@ def assert_same(got, want, atol=2e-5):
 
 @pytest.mark.slow
 def test_fsdp_two_processes_match_one_process_and_resume_from_sharded_checkpoints(round0, tmp_path):
-    one, two, crashed = (tmp_path / n for n in ("one", "two", "crashed"))
-    for copy in (one, two, crashed):
+    two, crashed = tmp_path / "two", tmp_path / "crashed"
+    for copy in (two, crashed):
         shutil.copytree(round0.root, copy)
     train_mod.train(str(round0.root), TrainConfig(micro_batch_size=8, grad_accum=2, epochs=2, lr=1e-3,
-                                                  warmup_steps=2, checkpoint_every=2, eta=0.1))  # no FSDP
-    torchrun(1, one, "--grad-accum", "2", port=29541)
+                                                  warmup_steps=2, checkpoint_every=2, eta=0.1))  # one process, no FSDP
     torchrun(2, two, "--grad-accum", "1", port=29542)
     plain = anchor1(round0.root)
-    assert_same(anchor1(one), plain)
     assert_same(anchor1(two), plain)
 
     run = torchrun(2, crashed, "--grad-accum", "1", script=[os.path.join(HELPERS, "crash_train.py"), "5"],

@@ -64,3 +64,18 @@ def test_compiled_layers_give_the_same_logprobs_and_gradients():
     torch.testing.assert_close(out[1][0], out[0][0], rtol=0, atol=1e-4)
     for k in out[0][1]:
         torch.testing.assert_close(out[1][1][k], out[0][1][k], rtol=1e-4, atol=1e-5)
+
+
+def test_boolean_flags_parse_true_and_false_and_refuse_anything_else(capsys):
+    import argparse
+
+    from bond_data.config import add_config_flags
+
+    ap = argparse.ArgumentParser()
+    add_config_flags(ap, TrainConfig)
+    args = ap.parse_args(["--packing", "false", "--fsdp", "TRUE", "--anchor-dtype", "bfloat16"])
+    cfg = TrainConfig.from_flags(args)
+    assert (cfg.packing, cfg.fsdp, cfg.compile, cfg.anchor_dtype) == (False, True, False, "bfloat16")
+    with pytest.raises(SystemExit) as e:
+        ap.parse_args(["--packing", "maybe"])
+    assert e.value.code == 2 and "expected true or false, got 'maybe'" in capsys.readouterr().err
