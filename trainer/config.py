@@ -32,9 +32,9 @@ class TrainConfig(Config):
     device: str | None = Field(None, pattern=DEVICE_PATTERN, description="cpu, cuda, cuda:N or mps; none picks cuda when available (bf16 autocast on cuda)")
     # efficiency (issue 12): none of these changes the math, only speed and memory
     packing: bool = Field(True, description="pack each micro-batch's rows into shared rows (position ids restart per row, no cross-row attention) instead of padding each")
-    pack_length: int | None = Field(None, ge=1, description="width of a packed row in tokens; none: the micro-batch's longest row (wider rows waste less on padding but cost more attention: the mask is dense)")
+    pack_length: int | None = Field(None, ge=1, description="width of a packed row in tokens; none: twice the micro-batch's longest row (wider rows waste less on padding but cost more attention with SDPA's dense mask)")
     logprob_chunk: int = Field(512, ge=1, description="completion tokens per LM-head chunk: the [chunk, vocab] logits are the only vocab-sized tensor, recomputed in the backward")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="transformers attention kernel (flash_attention_2 needs the flash-attn package and a GPU)")
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = Field("sdpa", description="transformers attention kernel; flex_attention skips the masked blocks of packed rows (GPU; compiles), flash_attention_2 needs the flash-attn package")
     compile: bool = Field(False, description="torch.compile each decoder layer (dynamic shapes; first steps are slow)")
     activation_checkpointing: bool = Field(False, description="recompute each decoder layer in the backward: less memory, about a third more compute")
     fsdp: bool = Field(False, description="shard policy, anchor, gradients and optimizer state over the processes with FSDP2 (under torchrun); sharded checkpoints")
