@@ -70,9 +70,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
         hidden, targets, weight, bias = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+        need_h, _, need_w, need_b = ctx.needs_input_grad[:4]  # a frozen head (LoRA) gets no [V, H] buffer
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         for s in range(0, hidden.shape[0], ctx.chunk):
             h, g = hidden[s : s + ctx.chunk], grad_out[s : s + ctx.chunk, None]  # [c, H], [c, 1]
             raw = F.linear(h, weight, bias).float()  # [c, V]
@@ -84,11 +85,14 @@ class _ChunkedLogprobs(torch.autograd.Function):
             if ctx.softcap:  # through cap * tanh(z / cap): times 1 - tanh^2
                 d.mul_(squash.square_().neg_().add_(1))
             d = d.to(weight.dtype)  # under autocast the two products below run in bf16 anyway
-            grad_hidden[s : s + ctx.chunk] = (d @ weight).to(hidden.dtype)  # [c, H]
-            grad_weight.add_(d.T @ h.to(d.dtype))  # [V, H]
-            if grad_bias is not None:
+            if need_h:
+                grad_hidden[s : s + ctx.chunk] = (d @ weight).to(hidden.dtype)  # [c, H]
+            if need_w:
+                grad_weight.add_(d.T @ h.to(d.dtype))  # [V, H]
+            if need_b:
                 grad_bias.add_(d.sum(0))
-        return grad_hidden, None, grad_weight.to(weight.dtype), None if bias is None else grad_bias.to(bias.dtype), None, None
+        cast = lambda grad, like: None if grad is None else grad.to(like.dtype)
+        return grad_hidden, None, cast(grad_weight, weight), cast(grad_bias, bias), None, None
 
 
 def chunked_token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,

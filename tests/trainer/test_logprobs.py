@@ -103,3 +103,13 @@ def test_chunked_token_logprobs_and_gradients_match_log_softmax_with_bias_and_so
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
         for a, b in zip(got_grads, want_grads):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_frozen_head_gets_no_gradient_and_the_rest_the_same():
+    """LoRA-style: the LM head frozen, the hidden states still get their exact gradient."""
+    g = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(9, 8, generator=g, requires_grad=True), torch.randn(30, 8, generator=g)
+    targets = torch.randint(0, 30, (9,), generator=g)
+    got = torch.autograd.grad(chunked_token_logprobs(hidden, targets, weight, chunk=4).sum(), hidden)[0]
+    want = torch.autograd.grad(torch.log_softmax(hidden @ weight.T, -1)[torch.arange(9), targets].sum(), hidden)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
