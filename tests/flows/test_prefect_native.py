@@ -146,3 +146,70 @@ def test_a_shard_past_its_timeout_fails_and_is_retried(prefect_server, store, mo
     [run] = shard_task_runs(store)
     assert run.run_count == 2 and run.state_type.value == "COMPLETED"
     assert store.query("SELECT count(*) AS c FROM candidates").to_pylist() == [{"c": 20}]
+
+
+def prefect_cli(args: list[str], server: str, cwd, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Prefect's own command line in this venv, against the test server; wide enough not to elide."""
+    env = {**os.environ, "PREFECT_API_URL": server, "COLUMNS": "400"}
+    return subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_prefect_cli_listings_work(prefect_server, store, tmp_path):
+    """`prefect flow-run ls` and friends failed with HTTP 422 (fastapi 0.151+ and Prefect 3.8's
+    null `limit`): each one exits 0 and lists what this test made."""
+    from flows.round import rounds_deployment
+
+    run_generate(str(store.root), GenerateConfig(k=1, max_new_tokens=2))
+    rounds_deployment(str(store.root), None, 1, **PARAMS, name="listed").apply()
+    made = prefect_cli(["work-pool", "create", "--type", "process", "bond-listed-pool"], prefect_server, tmp_path)
+    assert made.returncode == 0, made.stdout + made.stderr
+    expected = {"flow-run": "generate-r0", "flow": "bond-generate", "deployment": "bond-rounds/listed",
+                "artifact": artifact_key(store.root, "generate-r0"), "work-pool": "bond-listed-pool"}
+    for command, shown in expected.items():
+        out = prefect_cli([command, "ls"], prefect_server, tmp_path)
+        assert out.returncode == 0 and "422" not in out.stdout + out.stderr, f"prefect {command} ls: {out.stderr[-800:]}"
+        assert shown in out.stdout, f"prefect {command} ls does not list {shown}:\n{out.stdout}"
+
+
+def test_deployment_on_a_process_work_pool_runs_from_another_directory(prefect_server, store, tmp_path):
+    """`bond serve --pool` started in one directory registers the rounds flow by module path; a
+    `prefect worker --run-once` started in another runs it to completion on the tiny store."""
+    from prefect.deployments import run_deployment
+
+    made = prefect_cli(["work-pool", "create", "--type", "process", "bond-test-pool"], prefect_server, tmp_path)
+    assert made.returncode == 0, made.stdout + made.stderr
+    (elsewhere := tmp_path / "elsewhere").mkdir()
+    (worker_dir := tmp_path / "worker").mkdir()
+    cfg = tmp_path / "rounds.yaml"
+    cfg.write_text("generate: {k: 4, max_new_tokens: 6, shard_prompts: 5}\n"
+                   f"score: {{rm: '{REWARD}'}}\n"
+                   "train: {micro_batch_size: 8, epochs: 1, checkpoint_every: 4, lr: 0.001}\n")
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    serve = subprocess.run([sys.executable, "-m", "flows.cli", "serve", "--store", str(store.root), "--num", "1",
+                            "--n", "2", "--config", str(cfg), "--name", "pooled", "--pool", "bond-test-pool"],
+                           env=env, cwd=elsewhere, capture_output=True, text=True, timeout=120)
+    assert serve.returncode == 0, serve.stderr
+    assert "work pool 'bond-test-pool'" in serve.stdout
+
+    run = run_deployment("bond-rounds/pooled", timeout=0)
+    worker = prefect_cli(["worker", "start", "--pool", "bond-test-pool", "--run-once"], prefect_server, worker_dir,
+                         timeout=400)
+    assert worker.returncode == 0, worker.stderr[-2000:]
+
+    async def final_state():
+        async with get_client() as client:
+            return await client.read_flow_run(run.id)
+    finished = asyncio.run(final_state())
+    assert finished.state_type.value == "COMPLETED", worker.stderr[-2000:]
+    assert finished.name == "rounds-0-to-0" and f"store:{store.root}" in finished.tags
+    assert store.anchor(1) is not None  # the round ran: its trained anchor is registered
+    assert not list(elsewhere.iterdir())  # nothing written where serve was started
+
+
+def test_serve_to_a_missing_work_pool_is_one_error_line(prefect_server, store, capsys):
+    from flows.cli import main
+
+    assert main(["serve", "--store", str(store.root), "--num", "1", "--pool", "no-such-pool"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "work pool 'no-such-pool' does not exist" in err[0]
