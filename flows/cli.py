@@ -366,7 +366,11 @@ def _check_work_pool(name: str) -> None:
     """A missing work pool is a user error (the server would otherwise create one that no worker serves)."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
 
+    if not PREFECT_API_URL.value():
+        raise ValueError("--pool needs a Prefect server that outlives this command (the temporary one would take "
+                         "the deployment with it): set PREFECT_API_URL, e.g. to a `prefect server start`")
     with get_client(sync_client=True) as client:
         try:
             client.read_work_pool(name)

@@ -25,6 +25,7 @@ from pathlib import Path
 from prefect import flow, tags, task
 from prefect.artifacts import create_table_artifact
 from prefect.futures import as_completed
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
@@ -146,8 +147,13 @@ def generate_flow(store: str, cfg: dict) -> dict:
     return result
 
 
-@flow(name="bond-score", flow_run_name="score-r{cfg[round]}-{rm_label}")
-def score_flow(store: str, cfg: dict, rm_label: str = "rm") -> dict:
+def _score_run_name() -> str:
+    cfg = ScoreConfig.model_validate(flow_run.parameters["cfg"])
+    return f"score-r{cfg.round}-{rm_label(cfg)}"
+
+
+@flow(name="bond-score", flow_run_name=_score_run_name)
+def score_flow(store: str, cfg: dict) -> dict:
     c = ScoreConfig.model_validate(cfg)
     st = Store(store)
     result = stages.score_round(st, c.round, c.rm, c.rm_id, c.batch_size, c.device, run_shards=prefect_shards(c))
@@ -195,7 +201,7 @@ def run_generate(store: str, cfg: GenerateConfig) -> dict:
 
 def run_score(store: str, cfg: ScoreConfig) -> dict:
     with run_tags(store, cfg.round):
-        return score_flow.with_options(task_runner=task_runner(cfg))(str(store), cfg.model_dump(), rm_label(cfg))
+        return score_flow.with_options(task_runner=task_runner(cfg))(str(store), cfg.model_dump())
 
 
 def run_build(store: str, cfg: BuildConfig) -> dict:

@@ -213,3 +213,10 @@ def test_serve_to_a_missing_work_pool_is_one_error_line(prefect_server, store, c
     assert main(["serve", "--store", str(store.root), "--num", "1", "--pool", "no-such-pool"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "work pool 'no-such-pool' does not exist" in err[0]
+
+
+def test_serve_to_a_pool_without_a_server_is_one_error_line(store, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "serve", "--store", str(store.root), "--num", "1",
+                          "--pool", "p"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "set PREFECT_API_URL" in out.stderr
