@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from bond_data import precision as precision_policy
-from bond_data.backends.base import Completion, PromptJob, Sampling, prompt_token_ids  # noqa: F401 (the trainer imports it here)
+from bond_data.backends.base import Completion, PromptJob, Sampling, prompt_token_ids  # the trainer imports the last here
 from bond_data.device import resolve_device
 
 _MASK64 = (1 << 64) - 1

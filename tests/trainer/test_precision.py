@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from testutil import run_generation, run_scoring, tree_digest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bond_data import build
@@ -17,7 +18,6 @@ from bond_data import precision as precision_policy
 from bond_data.backends.base import PromptJob, Sampling
 from bond_data.backends.hf import TransformersBackend, prompt_token_ids
 from bond_data.errors import StoreError
-from testutil import run_generation, run_scoring, tree_digest
 from trainer import checkpoints
 from trainer import train as train_mod
 from trainer.config import TrainConfig
