@@ -101,6 +101,7 @@ def round0(store):
     return store
 
 
+@pytest.mark.slow  # generate, score, build and train a round
 def test_the_trainer_follows_the_pools_policy_and_refuses_another(round0):
     assert [s["precision"] for s in round0.sampling_settings(0)] == ["fp32"]  # the lineage
     before = tree_digest(round0.root)
