@@ -135,7 +135,8 @@ def generate_flow(store: str, cfg: dict) -> dict:
     c = GenerateConfig.model_validate(cfg)
     engine_args = c.engine_args() if c.backend == "vllm" else None
     st = Store(store)
-    result = stages.generate_round(st, c.round, c.k, Sampling(c.temperature, c.top_p, c.max_new_tokens),
+    sampling = Sampling(c.temperature, c.top_p, c.max_new_tokens, c.precision)
+    result = stages.generate_round(st, c.round, c.k, sampling,
                                    c.shard_prompts, c.backend, c.batch_size, c.device, engine_args,
                                    run_shards=prefect_shards(c))
     pool = st.pool_summary(c.round)
