@@ -20,8 +20,8 @@ from prefect.runtime import flow_run
 
 from bond_data.config import BuildConfig, GenerateConfig, ScoreConfig
 from bond_data.store import Store, StoreError
-from flows.stages import (artifact_key, build_figures, publish, retry_options, run_build, run_generate, run_score,
-                          run_tags)
+from flows.stages import (artifact_key, build_figures, generate_figures, publish, retry_options, run_build,
+                          run_generate, run_score, run_tags, score_figures)
 from trainer.config import TrainConfig
 
 
@@ -79,9 +79,12 @@ def round_flow(store: str, round_: int, generate: dict, score: dict, build: dict
 
 
 def round_markdown(store: str, t: int, dataset: dict, result: dict) -> str:
-    """The round's summary table: the dataset's figures, then training's (the same figures as the
-    stage artifacts and summary lines)."""
-    rows = [("build", m, v) for m, v in build_figures(dataset)] + [("train", m, v) for m, v in train_figures(result)]
+    """The round's summary table: each stage's figures, from the same functions as the stage
+    artifacts and summary lines (the pool and scores as the round holds them)."""
+    st = Store(store)
+    rows = ([("generate", m, v) for m, v in generate_figures(st.pool_summary(t))]
+            + [("score", m, v) for m, v in score_figures(st.score_summary(t, dataset["rm_id"]))]
+            + [("build", m, v) for m, v in build_figures(dataset)] + [("train", m, v) for m, v in train_figures(result)])
     table = "\n".join(f"| {stage} | {m} | {v} |" for stage, m, v in rows)
     return (f"# Round {t}\n\nstore `{Store(store).root}`; dataset `{dataset['path']}`\n\n"
             f"| stage | metric | value |\n|---|---|---|\n{table}\n")

@@ -100,17 +100,20 @@ def publish(store: str | Path, key: str, title: str, figures: list[tuple[str, ob
                           description=f"{title} (store {Path(store).resolve()})")
 
 
-def generate_figures(pool: dict, result: dict) -> list[tuple[str, object]]:
-    return [("shards generated now", result["shards_generated"]), ("shards in the round", pool["shards"]),
-            ("prompts", pool["prompts"]), ("candidates", pool["candidates"]), ("k", result["k"]),
-            ("completion tokens", pool["tokens"]), ("finished with EOS (stop)", pool["stop"]),
-            ("cut at max_new_tokens (length)", pool["length"])]
+def generate_figures(pool: dict, result: dict | None = None) -> list[tuple[str, object]]:
+    """The round's pool (`Store.pool_summary`), and what this run added when there was a run."""
+    now = [("shards generated now", result["shards_generated"]), ("k", result["k"])] if result else []
+    return [*now, ("shards in the round", pool["shards"]), ("prompts", pool["prompts"]),
+            ("candidates", pool["candidates"]), ("completion tokens", pool["tokens"]),
+            ("finished with EOS (stop)", pool["stop"]), ("cut at max_new_tokens (length)", pool["length"])]
 
 
-def score_figures(summary: dict, result: dict) -> list[tuple[str, object]]:
-    return [("shards scored now", result["shards_scored"]), ("candidates scored", summary["scored"]),
-            ("reward mean", round(summary["mean"], 4)), ("reward std", round(summary["std"], 4)),
-            ("reward min", round(summary["min"], 4)), ("reward max", round(summary["max"], 4))]
+def score_figures(summary: dict, result: dict | None = None) -> list[tuple[str, object]]:
+    """One reward model's scores of the round (`Store.score_summary`), and this run's shards."""
+    now = [("shards scored now", result["shards_scored"])] if result else []
+    return [*now, ("candidates scored", summary["scored"]), ("reward mean", round(summary["mean"], 4)),
+            ("reward std", round(summary["std"], 4)), ("reward min", round(summary["min"], 4)),
+            ("reward max", round(summary["max"], 4))]
 
 
 def build_figures(record: dict) -> list[tuple[str, object]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -70,13 +71,19 @@ def test_rounds_name_tag_and_report_every_run(prefect_server, store):
              for s in stages[:4]}
     pool = store.query("SELECT count(*) AS c, sum(num_tokens)::BIGINT AS t FROM candidates").to_pylist()[0]
     assert table["generate-r0"]["candidates"] == pool["c"] == 40 and table["generate-r0"]["completion tokens"] == pool["t"]
-    rewards = store.query("SELECT avg(reward) AS m, stddev_pop(reward) AS s FROM scores").to_pylist()[0]
+    scored = store.query("SELECT reward FROM scores").column("reward").to_pylist()
+    rewards = {"m": statistics.fmean(scored), "s": statistics.pstdev(scored)}
+    assert table["generate-r0"]["finished with EOS (stop)"] + table["generate-r0"]["cut at max_new_tokens (length)"] == 40
     assert table["score-r0-letter-count"]["reward mean"] == pytest.approx(rewards["m"], abs=1e-4)
     assert table["score-r0-letter-count"]["reward std"] == pytest.approx(rewards["s"], abs=1e-4)
     assert table["build-r0-n2"]["dataset"] == done[0]["dataset_id"] and table["build-r0-n2"]["candidates"] == 40
     assert table["train-r0"]["next anchor"] == store.anchor(1)["anchor_hash"][:12] and table["train-r0"]["steps"] >= 1
     report = artifacts[keys["round-0"]].data
-    assert artifacts[keys["round-0"]].type == "markdown" and done[0]["dataset_id"] in report and "| train | steps |" in report
+    assert artifacts[keys["round-0"]].type == "markdown" and done[0]["dataset_id"] in report
+    for line in (f"| generate | candidates | {pool['c']} |", f"| score | reward mean | {round(rewards['m'], 4)} |",
+                 "| build | candidates | 40 |",
+                 f"| train | steps | {table['train-r0']['steps']} |"):
+        assert line in report, line
 
 
 @pytest.fixture
