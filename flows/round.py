@@ -86,7 +86,7 @@ def round_markdown(store: str, t: int, dataset: dict, result: dict) -> str:
             + [("score", m, v) for m, v in score_figures(st.score_summary(t, dataset["rm_id"]))]
             + [("build", m, v) for m, v in build_figures(dataset)] + [("train", m, v) for m, v in train_figures(result)])
     table = "\n".join(f"| {stage} | {m} | {v} |" for stage, m, v in rows)
-    return (f"# Round {t}\n\nstore `{Store(store).root}`; dataset `{dataset['path']}`\n\n"
+    return (f"# Round {t}\n\nstore `{st.root}`; dataset `{dataset['path']}`\n\n"
             f"| stage | metric | value |\n|---|---|---|\n{table}\n")
 
 
