@@ -126,6 +126,12 @@ class RunnerConfig(Config):
     dask_address: str | None = Field(None, description="an existing Dask scheduler; none starts a LocalCluster")
     dask_workers: int = Field(2, ge=1, description="LocalCluster worker processes when no address is given")
     max_workers: int = Field(2, ge=1, description="thread pool size")
+    retries: int = Field(2, ge=0, description="retries of a shard after a transient failure (I/O, a lost worker, "
+                         "a timeout); bad input and bad rewards fail once")
+    retry_delay_s: float = Field(2.0, ge=0, description="seconds before a shard's first retry; doubles on each retry")
+    shard_timeout_s: float | None = Field(None, gt=0, description="seconds after which a shard fails as timed out "
+                                          "and is retried (enforced when its thread next runs Python code: a call "
+                                          "blocked in C or I/O is not cut short); none = no limit")
 
 
 class GenerateConfig(RunnerConfig):

@@ -421,6 +421,24 @@ class Store:
         rows = self.query("SELECT DISTINCT rm_id FROM shards WHERE kind = 'scores' AND round = ? ORDER BY 1", [round_])
         return rows.column("rm_id").to_pylist()
 
+    def pool_summary(self, round_: int) -> dict:
+        """A round's candidates (the generate stage's summary): shards, prompts, rows, completion
+        tokens and how completions ended (`stop`: EOS, `length`: the max_new_tokens cap)."""
+        shards = self.query("SELECT count(*) AS n FROM shards WHERE kind = 'candidates' AND round = ?", [round_])
+        row = self.query(
+            "SELECT count(DISTINCT prompt_id) AS prompts, count(*) AS candidates, "
+            "coalesce(sum(num_tokens), 0)::BIGINT AS tokens, count(*) FILTER (finish_reason = 'stop') AS stop, "
+            "count(*) FILTER (finish_reason = 'length') AS length FROM candidates WHERE round = ?", [round_])
+        return {"round": round_, "shards": shards.column("n")[0].as_py(), **row.to_pylist()[0]}
+
+    def score_summary(self, round_: int, rm_id: str) -> dict:
+        """One reward model's scores of a round (the score stage's summary): rows, reward mean,
+        standard deviation (population) and range."""
+        row = self.query(
+            "SELECT count(*) AS scored, avg(reward) AS mean, coalesce(stddev_pop(reward), 0) AS std, "
+            "min(reward) AS min, max(reward) AS max FROM scores WHERE round = ? AND rm_id = ?", [round_, rm_id])
+        return {"round": round_, "rm_id": rm_id, **row.to_pylist()[0]}
+
 
 def _next_stage(per_round: list[dict]) -> str:
     """What `bond rounds` would do next: the first round with an anchor and no successor."""

@@ -13,7 +13,7 @@ Every subcommand parses its flags into a config, then makes one call into a flow
     bond train     --store DIR --round R [--beta B --eta E ...]   (torchrun: python -m trainer.train)
     bond train-online --policy DIR --prompts FILE --out DIR [--rm SPEC --steps S ...]   online J-BOND
     bond rounds    --store DIR --num M [--n 2 --k 8 ...]          iterative BOND, resumable
-    bond serve     --store DIR --cron "0 3 * * *" --num M         the rounds flow on a schedule
+    bond serve     --store DIR --num M [--cron "0 3 * * *"] [--pool P]   the rounds flow as a deployment
 
 Flags come from the configs' fields (`--help` shows each one's description and default); one
 meaning per flag everywhere: `--rm` is a reward-model spec, `--rm-id` its id in the store.
@@ -100,8 +100,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--k", type=int, help="samples per prompt (generate.k)")
         p.add_argument("--rm", help=f"{RM_HELP} (score.rm)")
         if cmd == "serve":
-            p.add_argument("--cron", required=True, help='e.g. "0 3 * * *"')
-            p.add_argument("--name", default="bond-rounds")
+            p.add_argument("--cron", help='schedule, e.g. "0 3 * * *" (none: runs only when started by hand)')
+            p.add_argument("--name", default="bond-rounds", help="deployment name (default bond-rounds)")
+            p.add_argument("--pool", help="register the deployment on this Prefect work pool and exit (a worker "
+                           "runs it: `prefect worker start --pool POOL`); without it, serve from this process")
 
     p = sub.add_parser("status", help="the store at a glance: rounds, pools, scores, datasets, the next stage")
     p.add_argument("--store", required=True)
@@ -343,14 +345,38 @@ def cmd_rounds(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from prefect import serve
-
     from flows.round import rounds_deployment
 
     deployment = rounds_deployment(str(Path(args.store).resolve()), args.cron, args.num, **rounds_params(args),
                                    name=args.name)
-    print(f"serving {args.name} on cron {args.cron!r}; Ctrl-C stops")
+    when = f"on cron {args.cron!r}" if args.cron else "on demand"
+    if args.pool:
+        _check_work_pool(args.pool)
+        deployment.apply(work_pool_name=args.pool)
+        print(f"deployment bond-rounds/{args.name} ({when}) on work pool {args.pool!r}; a worker runs it: "
+              f"prefect worker start --pool {args.pool}; start one now: prefect deployment run bond-rounds/{args.name}")
+        return
+    from prefect import serve
+
+    print(f"serving bond-rounds/{args.name} {when}; Ctrl-C stops")
     serve(deployment)
+
+
+def _check_work_pool(name: str) -> None:
+    """A missing work pool is a user error (the server would otherwise create one that no worker serves)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise ValueError("--pool needs a Prefect server that outlives this command (the temporary one would take "
+                         "the deployment with it): set PREFECT_API_URL, e.g. to a `prefect server start`")
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+        except ObjectNotFound:
+            raise ValueError(f"work pool {name!r} does not exist: create it with "
+                             f"`prefect work-pool create --type process {name}`") from None
 
 
 def cmd_sql(args) -> None:
@@ -382,17 +408,13 @@ def print_summary(record: dict, store: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    card = record["card"]
+    from flows.stages import build_figures
+
     t = Table(title=f"dataset {record['dataset_id']} (round {record['round']}, Best-of-{record['n']}, "
                     f"{record.get('weighting', 'pool')} weights, rm {record['rm_id']})")
     t.add_column("metric")
     t.add_column("value", justify="right")
-    rows = [("prompts", card["prompts"]), ("candidates", card["candidates"]),
-            ("tie rate", f"{card['tie_rate']:.3f}"),
-            ("effective sample size / prompt", f"{card['ess_mean']:.2f} of {card['k_max']}"),
-            ("mean reward (one sample of the anchor)", f"{card['mean_reward']:.4f}"),
-            (f"Best-of-{record['n']} reward (what the weights target)", f"{card['bon_reward']:.4f}")]
-    for k, v in rows:
+    for k, v in build_figures(record):
         t.add_row(k, str(v))
     Console().print(t)
     print(f"dataset: {Path(store) / record['path']} (card: README.md beside it)")
