@@ -86,12 +86,15 @@ FROM pool;
 # `bon_weight` is the chosen weighting (the trainer's forward term), `bon_weight_pool` the pool one
 # (inside the backward term's log: never 0); `target_logprob` is log of the policy whose Best-of-n
 # is the target: the anchor (temperature 1), or with target 'sampler' the sampler that drew the pool.
+# `messages` is stored in the prompts as JSON text; datasets carry it as a list of {role, content}
+# structs, the shape chat datasets have in `datasets` and TRL.
 DATASET_ROWS = """
-SELECT b.prompt_id, b.candidate_id, p.prompt, p.messages, c.completion, c.token_ids, b.reward, b.p_lt, b.p_le,
+SELECT b.prompt_id, b.candidate_id, p.prompt,
+       from_json(p.messages, '[{"role": "VARCHAR", "content": "VARCHAR"}]') AS messages, c.completion, c.token_ids, b.reward, b.p_lt, b.p_le,
        CASE getvariable('bond_weighting') WHEN 'pool' THEN b.bon_weight_pool ELSE b.bon_weight END AS bon_weight,
        b.bon_weight_pool, c.anchor_logprob,
        CASE getvariable('bond_target') WHEN 'sampler' THEN c.sample_logprob ELSE c.anchor_logprob END AS target_logprob,
-       c.num_tokens, b.round::INTEGER AS round, getvariable('bond_n')::INTEGER AS n, b.rm_id
+       c.num_tokens, b.round::INTEGER AS round, getvariable('bond_n')::INTEGER AS n, b.rm_id, c.anchor_hash
 FROM bon_pool(getvariable('bond_n')) b
 JOIN candidates c ON c.candidate_id = b.candidate_id AND c.round = getvariable('bond_round')
 JOIN prompts p ON p.prompt_id = b.prompt_id
@@ -103,6 +106,7 @@ ORDER BY b.prompt_id, c.sample_index
 # candidates were drawn with (BOND's target is Best-of-n of the anchor: temperature 1, top_p 1).
 POOL_SIZES = "SELECT min(k) AS k_min, count(DISTINCT prompt_id) AS prompts FROM pool WHERE round = $round AND rm_id = $rm"
 SAMPLING_SETTINGS = "SELECT DISTINCT sampling FROM candidates WHERE round = $round ORDER BY 1"
+BACKENDS = "SELECT DISTINCT backend FROM candidates WHERE round = $round ORDER BY 1"
 
 # Prompts, candidates, tie rate, effective sample size and rewards of a built dataset, in SQL so
 # that a dataset of millions of rows is summarised without loading it (bond_data.build checks it
@@ -372,6 +376,12 @@ class Store:
     def sampling_settings(self, round_: int) -> list[dict]:
         """The distinct sampling settings (temperature, top_p, max_new_tokens) of a round's candidates."""
         return [json.loads(s) for s in self.query(SAMPLING_SETTINGS, {"round": round_}).column(0).to_pylist()]
+
+    def round_lineage(self, round_: int) -> dict:
+        """How a round's candidates were drawn (a dataset card's provenance): the distinct sampling
+        settings and generator backends."""
+        return {"sampling": self.sampling_settings(round_),
+                "backends": self.query(BACKENDS, {"round": round_}).column(0).to_pylist()}
 
     def dataset_summary(self, path: Path) -> dict:
         rows = self.query(DATASET_SUMMARY, {"path": str(path)}).to_pylist()[0]

@@ -75,7 +75,7 @@ def score_flow(store: str, cfg: dict) -> dict:
 @flow(name="bond-build")
 def build_flow(store: str, cfg: dict) -> dict:
     c = BuildConfig.model_validate(cfg)
-    return stages.build_round(Store(store), c.round, c.n, c.rm_id, c.weighting, c.target)
+    return stages.build_round(Store(store), c.round, c.n, c.rm_id, c.weighting, c.target, c.license)
 
 
 def task_runner(cfg: RunnerConfig):
