@@ -43,6 +43,27 @@ from bond_data.files import file_sha256, is_temporary, write_text_atomic
 __all__ = ["QueryInterrupted", "QueryTimeout", "Store", "StoreError", "check_read_only", "read_only_query", "reader_script", "shard_manifest"]
 
 VIEWS = {"prompts": schema.PROMPTS, "candidates": schema.CANDIDATES, "scores": schema.SCORES}
+EMPTY_FILES = {**VIEWS, "dataset_rows": schema.DATASET}  # typed zero-row files: a view never reads []
+
+# Catalog tables as readers see them: the `datasets` registrations gain the card's fields as columns
+# (weighting, target, license, anchor and the build's summary), so an analyst compares datasets
+# without JSON. Datasets registered before a field existed read NULL there (weighting: pool).
+CATALOG_COLUMNS = {"datasets": """, coalesce(card->>'$.weighting', 'pool') AS weighting,
+    coalesce(card->>'$.target', 'anchor') AS target, card->>'$.license' AS license, card->>'$.anchor_hash' AS anchor_hash,
+    (card->>'$.k_min')::INTEGER AS k_min, (card->>'$.k_max')::INTEGER AS k_max, (card->>'$.tie_rate')::DOUBLE AS tie_rate,
+    (card->>'$.ess_mean')::DOUBLE AS ess_mean, (card->>'$.mean_reward')::DOUBLE AS mean_reward,
+    (card->>'$.bon_reward')::DOUBLE AS bon_reward"""}
+
+# Every row of every registered dataset, with its dataset's id, weighting and target: the weights an
+# analyst compares across datasets (union by name: datasets of older versions lack some columns).
+DATASET_ROWS_VIEW = """
+SET VARIABLE bond_dataset_rows = (SELECT coalesce(list('{r}/' || path ORDER BY path), []) FROM datasets);
+CREATE OR REPLACE TEMP VIEW dataset_rows AS
+SELECT d.dataset_id, d.weighting, d.target, r.* EXCLUDE (filename)
+FROM read_parquet(list_concat(['{r}/{catalog}/empty/dataset_rows.parquet'], getvariable('bond_dataset_rows')),
+                  union_by_name = true, filename = true, hive_partitioning = false) r
+JOIN datasets d ON r.filename = '{r}/' || d.path;
+"""
 
 # One row per candidate and reward model, with its quantiles within its (round, prompt, rm) pool.
 # Count each reward level of a pool, take the running sum over levels (<=), subtract the level's
@@ -159,7 +180,8 @@ def reader_script(root: Path) -> str:
         lines.append(f"SET VARIABLE bond_{table}_files = (SELECT list(file) FROM glob('{folder}/*.parquet') "
                      f"WHERE file = getvariable('bond_{table}_base') OR (file > getvariable('bond_{table}_base') AND "
                      f"(file LIKE '%-segment.parquet' OR file > getvariable('bond_{table}_segment'))));")
-        lines.append(f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT * FROM read_parquet(getvariable('bond_{table}_files')) "
+        lines.append(f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT *{CATALOG_COLUMNS.get(table, '')} "
+                     f"FROM read_parquet(getvariable('bond_{table}_files')) "
                      f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY registered_at) = 1;")
     for view in VIEWS:
         lines.append(f"SET VARIABLE bond_{view} = (SELECT coalesce(list(DISTINCT '{r}/' || path), []) "
@@ -167,6 +189,8 @@ def reader_script(root: Path) -> str:
         lines.append(f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM read_parquet(list_concat("
                      f"['{r}/{catalog.CATALOG_DIR}/empty/{view}.parquet'], getvariable('bond_{view}')), "
                      "hive_partitioning = false);")
+    if (root / catalog.CATALOG_DIR / "empty" / "dataset_rows.parquet").is_file():  # stores written by this version
+        lines.append(DATASET_ROWS_VIEW.strip().format(r=r, catalog=catalog.CATALOG_DIR))
     return "\n".join(lines) + "\n" + POOL_VIEW.strip() + "\n"
 
 
@@ -218,7 +242,7 @@ class Store:
         """Create the catalog (migrating an older DuckDB catalog once) and keep `store.sql` naming
         this folder, wherever the store has been moved to."""
         legacy, fresh = self.root / "catalog.duckdb", not self.exists()
-        catalog.ensure_layout(self.root, VIEWS)
+        catalog.ensure_layout(self.root, EMPTY_FILES)
         if fresh and legacy.is_file():
             _migrate(legacy, self.root)
         script, path = reader_script(self.root), self.root / "store.sql"
