@@ -56,8 +56,11 @@ CATALOG_COLUMNS = {"datasets": """, coalesce(card->>'$.weighting', 'pool') AS we
 
 # Every row of every registered dataset, with its dataset's id, weighting and target: the weights an
 # analyst compares across datasets (union by name: datasets of older versions lack some columns).
+# Only registered files that are there (a listing of datasets/, joined): a dataset folder deleted by
+# hand drops out of the view instead of breaking every query.
 DATASET_ROWS_VIEW = """
-SET VARIABLE bond_dataset_rows = (SELECT coalesce(list('{r}/' || path ORDER BY path), []) FROM datasets);
+SET VARIABLE bond_dataset_rows = (SELECT coalesce(list(g.file ORDER BY g.file), [])
+    FROM glob('{r}/datasets/*/*/*.parquet') g JOIN datasets d ON g.file = '{r}/' || d.path);
 CREATE OR REPLACE TEMP VIEW dataset_rows AS
 SELECT d.dataset_id, d.weighting, d.target, r.* EXCLUDE (filename)
 FROM read_parquet(list_concat(['{r}/{catalog}/empty/dataset_rows.parquet'], getvariable('bond_dataset_rows')),
