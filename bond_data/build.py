@@ -3,11 +3,12 @@
 The weights come from the catalog's `bon_pool(n)` SQL macro (window functions over the `pool`
 view; `bond_data.bon` is the same math in numpy, and the tests hold the two equal); DuckDB streams
 the rows to Parquet under a memory limit, so a round of millions of candidates builds in bounded
-memory. Only a round fully scored by the reward model is built. A dataset is
-Parquet under `datasets/round=R/<id>/` with a Hugging Face dataset card (README.md, `bond_data.card`)
-and loads with `datasets.load_dataset(folder)`; `bond export` copies it out (`bond_data.export`). Its id names and hashes (round, rm, n, weighting,
-target, the scores shards it read), so rebuilding after raising k makes a new dataset, a pool and an
-unbiased dataset of one round are two datasets, and rebuilding unchanged data is a no-op.
+memory. Only a round fully scored by the reward model is built. A dataset is Parquet under
+`datasets/round=R/<id>/` with a Hugging Face dataset card (README.md, `bond_data.card`) and loads with
+`datasets.load_dataset(folder)`; `bond export` copies it out (`bond_data.export`). Its id names and
+hashes (round, rm, n, weighting, target, the scores shards it read), so rebuilding after raising k
+makes a new dataset, a pool and an unbiased dataset of one round are two datasets, and rebuilding
+unchanged data is a no-op.
 
 Two checks guard the math: unbiased weights need n <= k in every pool, and BOND's target is
 Best-of-n of the anchor, so a pool drawn at temperature != 1 or top_p != 1 (from a sampler q, not
