@@ -191,7 +191,7 @@ def test_the_readme_trl_recipe_weights_the_loss_and_plain_sft_does_not(built, un
     data_dir = tmp_path / "bond-n2"
     assert export(capsys, store, "--dataset", record["dataset_id"], "--to", str(data_dir))[0] == 0
     trainer_src, usage = readme_recipe()
-    run_args = ('max_steps=2, per_device_train_batch_size=8, report_to="none", save_strategy="no", use_cpu=True, '
+    run_args = ('max_steps=2, per_device_train_batch_size=8, report_to="none", save_strategy="no", '
                 f'logging_steps=1, output_dir={str(tmp_path / "sft")!r}, remove_unused_columns=False')
     for old, new in (('"bond-n2"', repr(str(data_dir))), ('"demo-store/anchors/round=1"', repr(str(untrained_model))),
                      ('output_dir="sft-bond", remove_unused_columns=False, num_train_epochs=1', run_args)):
