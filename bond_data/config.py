@@ -138,6 +138,9 @@ class GenerateConfig(RunnerConfig):
     batch_size: int = Field(64, ge=1, description="sequences per forward pass (prompts x samples)")
     shard_prompts: int = Field(32, ge=1, description="prompts per shard: the unit of work, retry and skip")
     device: str | None = Field(None, pattern=DEVICE_PATTERN, description="cpu, cuda, cuda:N or mps; none picks cuda when available")
+    precision: Literal["auto", "fp32", "bf16-autocast"] = Field(
+        "auto", description="transformers: the policy log A is computed under, recorded with each candidate for the "
+                            "trainer (bond_data/precision.py); auto = bf16-autocast on cuda, fp32 elsewhere")
     # vLLM engine arguments (backend vllm only)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory the engine reserves")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one model is split across")
