@@ -82,7 +82,9 @@ def test_parquet_export_is_self_contained_and_its_card_parses(built, tmp_path, c
     assert (bond["n"], bond["k_min"], bond["k_max"], bond["weighting"], bond["target"], bond["round"]) == (
         2, 4, 4, "unbiased", "anchor", 0)
     assert bond["store"] == str(store.root) and bond["backends"] == ["transformers"]
-    assert bond["sampling"] == [{"max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0}]
+    assert [{k: s[k] for k in ("max_new_tokens", "temperature", "top_p")} for s in bond["sampling"]] == [
+        {"max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0}]
+    assert bond["sampling"] == store.sampling_settings(0)  # precision too
     assert bond["tokenizer"]["name_or_path"] == anchor["anchor_path"]
     assert bond["tokenizer"]["special_tokens"]["eos_token"] == "<eos>"
     assert 'load_dataset("path/to/this/folder", split="train")' in card.text
