@@ -178,3 +178,6 @@ class BuildConfig(Config):
     target: Literal["anchor", "sampler"] = Field(
         "anchor", description="anchor: refuse pools sampled at temperature or top_p != 1; sampler: distil Best-of-N of "
         "that sampler (its log-probs stand in for the anchor's)")
+    license: str = Field(
+        "other", pattern=r"^[a-z0-9][a-z0-9.+-]*$", description="the dataset card's license: a Hugging Face license "
+        "id (apache-2.0, mit, cc-by-4.0, ...) or other; set on a new dataset (`bond export --license` on a copy)")

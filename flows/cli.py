@@ -8,6 +8,7 @@ Every subcommand parses its flags into a config, then makes one call into a flow
     bond score     --store DIR [--round R] [--rm SPEC] [--rm-id ID]
     bond build     --store DIR [--round R] --n N [--rm-id ID]
     bond sql       --store DIR "QUERY" [--format table|csv|json]
+    bond export    --store DIR --dataset ID --to OUT [--format parquet|arrow] [--license ID]
     bond status    --store DIR [--format json]          rounds, pools, scores, datasets, the next stage
     bond migrate   --store DIR                          a store written before the manifest catalog
     bond train     --store DIR --round R [--beta B --eta E ...]   (torchrun: python -m trainer.train)
@@ -112,6 +113,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="move a store's DuckDB catalog of an earlier version to the manifest catalog")
     p.add_argument("--store", required=True)
 
+    p = sub.add_parser("export", help="a built dataset as a self-contained folder with its card (load_dataset / load_from_disk)")
+    p.add_argument("--store", required=True)
+    p.add_argument("--dataset", required=True, help="the dataset id (`bond status` lists them)")
+    p.add_argument("--to", required=True, help="a new or empty folder outside the store")
+    p.add_argument("--format", choices=["parquet", "arrow"], default="parquet",
+                   help="parquet: datasets.load_dataset(DIR); arrow: datasets.load_from_disk(DIR) (default parquet)")
+    p.add_argument("--license", help="the card's license (a Hugging Face license id); default: the one it was built with")
+
     p = sub.add_parser("sql", help="query the store read-only")
     p.add_argument("--store", required=True)
     p.add_argument("query")
@@ -173,6 +182,7 @@ def _quiet_prefect(verbose: bool) -> None:
     logging.getLogger("prefect").setLevel(level)  # for Prefect already imported (tests, notebooks)
     if not verbose:  # Hugging Face's "Loading weights" / "Writing model shards" bars and notices
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
         os.environ["TRANSFORMERS_VERBOSITY"] = "error"
         os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
         if "transformers" in sys.modules:
@@ -379,6 +389,18 @@ def _check_work_pool(name: str) -> None:
                              f"`prefect work-pool create --type process {name}`") from None
 
 
+def cmd_export(args) -> None:
+    from bond_data.export import export_dataset
+    from bond_data.store import Store
+
+    if args.license is not None:  # the same check as the build's `license` key
+        BuildConfig.validate_as({"license": args.license}, "--license")
+    out = export_dataset(Store(args.store), args.dataset, args.to, args.format, args.license)
+    load = "load_dataset" if args.format == "parquet" else "load_from_disk"
+    print(f"{out['to']}: {out['rows']} rows of {out['dataset_id']} ({out['format']}, license {out['license']}); "
+          f"datasets.{load}({out['to']!r})")
+
+
 def cmd_sql(args) -> None:
     from bond_data.store import Store, read_only_query
 
@@ -463,7 +485,7 @@ def print_rounds(rows: list[dict], n: int) -> None:
 
 
 COMMANDS = {"demo": cmd_demo, "init": cmd_init, "migrate": cmd_migrate, "status": cmd_status, "prompts": cmd_prompts, "generate": cmd_generate,
-            "score": cmd_score, "build": cmd_build, "sql": cmd_sql, "train": cmd_train, "train-online": cmd_train_online, "rounds": cmd_rounds,
+            "score": cmd_score, "build": cmd_build, "sql": cmd_sql, "export": cmd_export, "train": cmd_train, "train-online": cmd_train_online, "rounds": cmd_rounds,
             "serve": cmd_serve}
 
 if __name__ == "__main__":

@@ -174,7 +174,7 @@ def score_flow(store: str, cfg: dict) -> dict:
 @flow(name="bond-build", flow_run_name="build-r{cfg[round]}-n{cfg[n]}")
 def build_flow(store: str, cfg: dict) -> dict:
     c = BuildConfig.model_validate(cfg)
-    record = stages.build_round(Store(store), c.round, c.n, c.rm_id, c.weighting, c.target)
+    record = stages.build_round(Store(store), c.round, c.n, c.rm_id, c.weighting, c.target, c.license)
     print(build_line(record))
     publish(store, artifact_key(store, "build", f"r{c.round}", f"n{c.n}"),
             f"build, round {c.round}, Best-of-{c.n}", [("dataset", record["dataset_id"]),
