@@ -30,6 +30,9 @@ class TrainConfig(Config):
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
     seed: int = Field(0, description="seed of the batch order")
     device: str | None = Field(None, pattern=DEVICE_PATTERN, description="cpu, cuda, cuda:N or mps; none picks cuda when available (bf16 autocast on cuda)")
+    precision: Literal["auto", "fp32", "bf16-autocast"] = Field(
+        "auto", description="auto follows the pool's recorded policy (else bf16-autocast on cuda, fp32 elsewhere); "
+                            "another policy than the pool's is refused (bond_data/precision.py)")
     # efficiency (issue 12): none of these changes the math, only speed and memory
     packing: bool = Field(True, description="pack each micro-batch's rows into shared rows (position ids restart per row, no cross-row attention) instead of padding each")
     pack_length: int | None = Field(None, ge=1, description="width of a packed row in tokens; none: twice the micro-batch's longest row (wider rows waste less on padding but cost more attention with SDPA's dense mask)")

@@ -3,8 +3,10 @@
 Every decoder layer is its own `fully_shard` unit and the root (embeddings, final norm, LM head,
 tied or not) another, so parameters, gradients, AdamW state and the EMA anchor (a copy of the
 sharded state dict, as DTensors) are all split over the processes; a layer's full weights exist
-only while it runs. On CUDA the layers compute in bf16 (MixedPrecisionPolicy) and reduce gradients
-in fp32; on CPU (gloo) everything stays fp32, which is what the tests run.
+only while it runs. The gathered weights stay fp32 and the body runs under the trainer's precision
+policy (bond_data/precision.py: bf16 autocast with an fp32 head on CUDA), exactly as without FSDP:
+FSDP's own bf16 parameter cast would make log pi another function of the weights than the
+generator's log A. The price: all-gathers move fp32 (twice the bytes).
 
 Checkpoints are sharded (torch.distributed.checkpoint): each process writes its own shards of the
 model, optimizer and anchor into `step-N/` (written under a temporary name, then renamed, with a
@@ -33,8 +35,7 @@ from trainer.checkpoints import MANIFEST
 
 def shard(model: torch.nn.Module, layers: torch.nn.ModuleList, device: torch.device) -> torch.nn.Module:
     """fully_shard each decoder layer, then the root `model` (in place; returns it)."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
-        else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy()  # fp32 weights and gradients: the precision policy's autocast does the rest
     for layer in layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)

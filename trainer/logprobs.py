@@ -20,6 +20,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from bond_data import precision as precision_policy
 from trainer.packing import Batch, collate_packed
 
 
@@ -45,8 +46,9 @@ def autocast(device: torch.device):
 
 
 def _chunk_logits(hidden, weight, bias, softcap):
-    """[c, V] fp32 logits of one chunk (soft-capped as Gemma-2 does when `softcap` is set)."""
-    logits = F.linear(hidden, weight, bias).float()
+    """[c, V] fp32 logits of one chunk (soft-capped as Gemma-2 does when `softcap` is set), called
+    with autocast off: the head runs in fp32 under every precision policy (bond_data/precision.py)."""
+    logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
     return torch.tanh(logits / softcap) * softcap if softcap else logits
 
 
@@ -56,43 +58,50 @@ class _ChunkedLogprobs(torch.autograd.Function):
     is the peak (two with soft-capping); d W accumulates over the chunks in one buffer."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, hidden, targets, weight, bias, chunk, softcap):
         out = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
-        for s in range(0, hidden.shape[0], chunk):
-            logits = _chunk_logits(hidden[s : s + chunk], weight, bias, softcap)  # [c, V]
-            out[s : s + chunk] = logits.gather(-1, targets[s : s + chunk, None])[:, 0] - torch.logsumexp(logits, -1)
+        with torch.autocast(hidden.device.type, enabled=False):
+            _forward_chunks(out, hidden, targets, weight, bias, chunk, softcap)
         ctx.save_for_backward(hidden, targets, weight, bias)
         ctx.chunk, ctx.softcap = chunk, softcap
         return out
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
-        hidden, targets, weight, bias = ctx.saved_tensors
-        need_h, _, need_w, need_b = ctx.needs_input_grad[:4]  # a frozen head (LoRA) gets no [V, H] buffer
-        grad_hidden = torch.empty_like(hidden) if need_h else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-        for s in range(0, hidden.shape[0], ctx.chunk):
-            h, g = hidden[s : s + ctx.chunk], grad_out[s : s + ctx.chunk, None]  # [c, H], [c, 1]
-            raw = F.linear(h, weight, bias).float()  # [c, V]
-            squash = torch.tanh(raw / ctx.softcap) if ctx.softcap else None
-            d = squash * ctx.softcap if ctx.softcap else raw  # the logits; becomes their gradient in place
-            d.sub_(d.max(-1, keepdim=True).values).exp_()
-            d.div_(d.sum(-1, keepdim=True)).mul_(-g)  # -g * softmax
-            d.scatter_add_(-1, targets[s : s + ctx.chunk, None], g)  # + g * onehot
-            if ctx.softcap:  # through cap * tanh(z / cap): times 1 - tanh^2
-                d.mul_(squash.square_().neg_().add_(1))
-            d = d.to(weight.dtype)  # under autocast the two products below run in bf16 anyway
-            if need_h:
-                grad_hidden[s : s + ctx.chunk] = (d @ weight).to(hidden.dtype)  # [c, H]
-            if need_w:
-                grad_weight.add_(d.T @ h.to(d.dtype))  # [V, H]
-            if need_b:
-                grad_bias.add_(d.sum(0))
-        cast = lambda grad, like: None if grad is None else grad.to(like.dtype)
-        return grad_hidden, None, cast(grad_weight, weight), cast(grad_bias, bias), None, None
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _backward_chunks(ctx, grad_out)
+
+
+def _forward_chunks(out, hidden, targets, weight, bias, chunk, softcap):
+    for s in range(0, hidden.shape[0], chunk):
+        logits = _chunk_logits(hidden[s : s + chunk], weight, bias, softcap)  # [c, V]
+        out[s : s + chunk] = logits.gather(-1, targets[s : s + chunk, None])[:, 0] - torch.logsumexp(logits, -1)
+
+
+def _backward_chunks(ctx, grad_out):
+    hidden, targets, weight, bias = ctx.saved_tensors
+    need_h, _, need_w, need_b = ctx.needs_input_grad[:4]  # a frozen head (LoRA) gets no [V, H] buffer
+    grad_hidden = torch.empty_like(hidden) if need_h else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+    grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+    for s in range(0, hidden.shape[0], ctx.chunk):
+        h, g = hidden[s : s + ctx.chunk], grad_out[s : s + ctx.chunk, None]  # [c, H], [c, 1]
+        raw = F.linear(h.float(), weight.float(), None if bias is None else bias.float())  # [c, V]
+        squash = torch.tanh(raw / ctx.softcap) if ctx.softcap else None
+        d = squash * ctx.softcap if ctx.softcap else raw  # the logits; becomes their gradient in place
+        d.sub_(d.max(-1, keepdim=True).values).exp_()
+        d.div_(d.sum(-1, keepdim=True)).mul_(-g)  # -g * softmax
+        d.scatter_add_(-1, targets[s : s + ctx.chunk, None], g)  # + g * onehot
+        if ctx.softcap:  # through cap * tanh(z / cap): times 1 - tanh^2
+            d.mul_(squash.square_().neg_().add_(1))
+        if need_h:
+            grad_hidden[s : s + ctx.chunk] = (d @ weight.float()).to(hidden.dtype)  # [c, H]
+        if need_w:
+            grad_weight.add_(d.T @ h.float())  # [V, H]
+        if need_b:
+            grad_bias.add_(d.sum(0))
+    cast = lambda grad, like: None if grad is None else grad.to(like.dtype)
+    return grad_hidden, None, cast(grad_weight, weight), cast(grad_bias, bias), None, None
 
 
 def chunked_token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
@@ -124,26 +133,29 @@ class SequenceLogprobs(torch.nn.Module):
         return token_logp.new_zeros(n_rows).index_add(0, row, token_logp)  # [B]
 
 
-def batch_logprobs(model: SequenceLogprobs, batch: Batch, device: torch.device) -> torch.Tensor:
-    """[B] completion log-probs of a collated batch (model: a SequenceLogprobs, maybe DDP / FSDP-wrapped)."""
+def batch_logprobs(model: SequenceLogprobs, batch: Batch, device: torch.device, precision: str = "auto") -> torch.Tensor:
+    """[B] completion log-probs of a collated batch (model: a SequenceLogprobs, maybe DDP / FSDP-wrapped),
+    the body under a bond_data.precision policy (auto: by device), the head in fp32."""
     b = batch.to(device)
-    with autocast(device):
+    with precision_policy.autocast(precision_policy.resolve(precision, device), device):
         return model(b.input_ids, b.attention_mask, b.position_ids, b.index, b.targets, b.row, b.n_rows)
 
 
-def completion_logprobs(model, rows: list[dict], device: torch.device, chunk: int = 512) -> torch.Tensor:
+def completion_logprobs(model, rows: list[dict], device: torch.device, precision: str = "auto",
+                        chunk: int = 512) -> torch.Tensor:
     """[B] log model(completion | prompt), summed over the completion's tokens (with gradient
-    unless called under no_grad / inference_mode); rows packed, the head chunked."""
+    unless called under no_grad / inference_mode), under a bond_data.precision policy (auto: by
+    device); rows packed, the head chunked and in fp32."""
     wrapped = model if isinstance(model, SequenceLogprobs) else SequenceLogprobs(model, chunk)
-    return batch_logprobs(wrapped, collate_packed(rows), device)
+    return batch_logprobs(wrapped, collate_packed(rows), device, precision)
 
 
-def full_logits_logprobs(model, rows: list[dict], device: torch.device) -> torch.Tensor:
+def full_logits_logprobs(model, rows: list[dict], device: torch.device, precision: str = "auto") -> torch.Tensor:
     """[B] the same through the full [B, T, V] logits and their fp32 log-softmax: the reference the
     chunked path is tested and benchmarked against (the trainer's step before issue 12)."""
     from trainer.losses import sequence_logprobs
 
     input_ids, attention, labels, mask = collate(rows, device)
-    with autocast(device):
+    with precision_policy.autocast(precision_policy.resolve(precision, device), device):
         logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]  # [B, T-1, V]
     return sequence_logprobs(logits, labels, mask)  # [B]

@@ -12,12 +12,11 @@ weights, AdamW, bf16 autocast on CUDA):
 - anchor: the EMA copy (eta > 0), 4 or 2 bytes each, sharded like the parameters;
 - gradients: 4 bytes each, sharded like the parameters;
 - optimizer: AdamW's two moments, 8 bytes per parameter, sharded like the parameters;
-- gathered: under FSDP, the full weights of the units being used, in the compute dtype: the root
-  (embeddings, LM head, final norm) for the whole step plus two decoder layers (one running, one
-  prefetched);
-- activations: what the backward keeps per token of the micro-batch. A layer keeps its residual
-  input twice (the two RMSNorms; fp32 under autocast with fp32 weights, the compute dtype under
-  FSDP's bf16 MixedPrecisionPolicy), in the compute dtype the inputs of the q/k/v, o, gate/up
+- gathered: under FSDP, the full fp32 weights of the units being used: the root (embeddings, LM
+  head, final norm) for the whole step plus two decoder layers (one running, one prefetched);
+- activations: what the backward keeps per token of the micro-batch. A layer keeps its fp32
+  residual input twice (the two RMSNorms; autocast leaves the residual stream fp32), in the compute
+  dtype the inputs of the q/k/v, o, gate/up
   and down projections, q and k around the rotary embedding, q, k, v and the output of attention
   (a fused kernel: no [T, T] matrix), and gate, up and silu(gate) of the MLP. With activation
   checkpointing only each layer's input stays, plus one layer's activations while it is recomputed;
@@ -85,11 +84,10 @@ def memory_per_device(shape: ModelShape, world: int = 1, fsdp: bool = False, anc
     parts = {"parameters": n * 4 // shards, "anchor": n * anchor_bytes // shards, "gradients": n * 4 // shards,
              "optimizer": 2 * n * 4 // shards}
     root = n - shape.layers * shape.layer_params
-    parts["gathered"] = (root + 2 * shape.layer_params) * compute_bytes if fsdp else 0
-    residual = compute_bytes if fsdp else 4  # FSDP's bf16 parameters make the residual stream bf16 too
-    one_layer = layer_activation_bytes(shape, tokens, compute_bytes, residual)
+    parts["gathered"] = (root + 2 * shape.layer_params) * 4 if fsdp else 0
+    one_layer = layer_activation_bytes(shape, tokens, compute_bytes)
     if activation_checkpointing:
-        parts["activations"] = shape.layers * tokens * shape.hidden * residual + one_layer
+        parts["activations"] = shape.layers * tokens * shape.hidden * 4 + one_layer
     else:
         parts["activations"] = shape.layers * one_layer
     parts["logits"] = 3 * min(logprob_chunk, tokens) * shape.vocab * 4 + tokens * shape.hidden * 4

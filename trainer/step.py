@@ -1,6 +1,7 @@
 """One optimizer step's forward and backward: the BOND loss over a rank's micro-batches.
 
-Torch only (no store, no config), so a benchmark on a bare GPU machine imports it as it is.
+Torch only (no store, no config; bond_data/precision.py imports nothing heavy), so a benchmark on
+a bare GPU machine imports it as it is.
 """
 
 from __future__ import annotations
@@ -9,16 +10,19 @@ import contextlib
 
 import torch
 
-from trainer.logprobs import batch_logprobs
+from trainer.logprobs import SequenceLogprobs, batch_logprobs
 from trainer.losses import jeffreys_loss
 from trainer.packing import collate_packed, collate_padded
 
 
 def train_step(model, micro_batches: list[list[dict]], beta: float, gamma: float, global_rows: int, world: int,
-               device: torch.device, packing: bool = True, pack_length: int | None = None) -> dict:
+               device: torch.device, precision: str = "auto", packing: bool = True, pack_length: int | None = None) -> dict:
     """Forward + backward over this rank's micro-batches of rows (prompt ids, completion ids, weight,
     weight_pool, log A); losses scaled so that the summed (and DDP-averaged) gradient is that of the mean over
-    the `global_rows` rows of the global batch. `model`: a SequenceLogprobs (maybe DDP / FSDP-wrapped)."""
+    the `global_rows` rows of the global batch. `model`: a SequenceLogprobs (maybe DDP / FSDP-wrapped; a bare
+    causal LM gets wrapped); `precision`: bond_data/precision.py (auto: by device)."""
+    if hasattr(model, "get_decoder"):  # a bare transformers model
+        model = SequenceLogprobs(model)
     totals = {"loss": 0.0, "forward": 0.0, "backward": 0.0, "anchor_kl": 0.0, "log_ratio": 0.0, "tokens": 0}
     fed = 0
     for i, rows in enumerate(micro_batches):
@@ -27,7 +31,7 @@ def train_step(model, micro_batches: list[list[dict]], beta: float, gamma: float
         weight_pool = torch.tensor([r["weight_pool"] for r in rows], device=device, dtype=torch.float32)  # backward
         logp_anchor = torch.tensor([r["logp_anchor"] for r in rows], device=device, dtype=torch.float32)
         with _gradient_sync(model, last=i == len(micro_batches) - 1, world=world):
-            logp_policy = batch_logprobs(model, batch, device)  # [B]
+            logp_policy = batch_logprobs(model, batch, device, precision)  # [B]
             terms = jeffreys_loss(logp_policy, logp_anchor, weight, beta, gamma, weight_pool)
             scale = len(rows) / global_rows * world
             (terms["loss"] * scale).backward()

@@ -15,7 +15,9 @@ How this differs from the paper:
    built before `bon_weight_pool` existed use `bon_weight` for both terms;
 3. log A is the dataset's `target_logprob`: the anchor's log-prob, or with `bond build --target
    sampler` the log-prob under the tempered sampler that drew the pool (older datasets:
-   `anchor_logprob`).
+   `anchor_logprob`);
+4. log pi is computed under the precision policy the pool's log A was (bond_data/precision.py:
+   fp32, or bf16 autocast with an fp32 LM head), so that rho = pi/A is 1 at initialisation.
 
 The step (trainer/step.py) packs each micro-batch's rows into shared rows and takes log-probs
 through a chunked LM head at completion positions only (trainer/packing.py, trainer/logprobs.py):
@@ -41,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from bond_data import precision as precision_policy
 from bond_data.backends.hf import prompt_token_ids
 from bond_data.config import add_config_flags
 from bond_data.device import resolve_device
@@ -74,6 +77,8 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
         return {"round": cfg.round, "next_anchor": done, "skipped": True}
 
     dataset = _dataset_record(store, cfg)
+    pool = precision_policy.pool_precision(store.sampling_settings(cfg.round))
+    precision = precision_policy.check_training(cfg.precision, pool, device, cfg.round)  # before anything is written
     run_dir = store.root / "train" / f"round={cfg.round}" / dataset["dataset_id"]
     resume = checkpoints.latest_checkpoint(run_dir)
     sharded_resume = resume is not None and fsdp.is_sharded(resume)
@@ -99,7 +104,7 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
     while step < len(plan):
         t0 = time.perf_counter()
         batch = [[rows[i] for i in micro] for micro in plan[step][rank]]
-        metrics = train_step(model, batch, cfg.beta, cfg.gamma, global_rows, world, device,
+        metrics = train_step(model, batch, cfg.beta, cfg.gamma, global_rows, world, device, precision,
                              packing=cfg.packing, pack_length=cfg.pack_length)  # forward + backward
         metrics["grad_norm"] = _clip_gradients(policy, cfg.max_grad_norm)
         fed = {k: fed[k] + metrics[k] for k in fed}
@@ -115,9 +120,10 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
     log.close()
 
     final = _final_model(policy, ema, cfg, anchor["anchor_path"], rank)  # rank 0: a plain model to register
-    result = _refresh_anchor(store, cfg, dataset, anchor, final, tokenizer, rank, world)
+    result = _refresh_anchor(store, cfg, dataset, anchor, final, tokenizer, rank, world, precision)
     padding = 1 - fed["tokens"] / fed["positions"] if fed["positions"] else None  # None when resumed at the end
-    return {**result, "steps": len(plan), "padding": padding, "last_step": metrics}  # last_step: {} likewise
+    return {**result, "steps": len(plan), "precision": precision, "pool_precision": pool, "padding": padding,
+            "last_step": metrics}  # last_step: {} when resumed at the end
 
 
 def _wrap(policy, cfg: TrainConfig, device: torch.device, world: int) -> torch.nn.Module:
@@ -165,7 +171,8 @@ def _load_rows(path: Path, tokenizer) -> list[dict]:
     columns = sorted({"prompt", "messages", "token_ids", "bon_weight", weight_pool, logp_anchor})
     rows = []
     for r in pq.read_table(path, columns=columns).to_pylist():
-        messages = json.loads(r["messages"]) if r["messages"] else None
+        messages = r["messages"]  # [{role, content}]; datasets built before it became a list hold JSON text
+        messages = json.loads(messages) if isinstance(messages, str) else messages or None
         prompt = prompt_token_ids(tokenizer, r["prompt"], messages)
         rows.append({"prompt": prompt, "completion": r["token_ids"], "weight": r["bon_weight"],
                      "weight_pool": r[weight_pool], "logp_anchor": r[logp_anchor]})
@@ -244,12 +251,13 @@ def _final_model(policy, ema, cfg: TrainConfig, anchor_path: str, rank: int):
 
 
 def _refresh_anchor(store: Store, cfg: TrainConfig, dataset: dict, anchor: dict, final, tokenizer,
-                    rank: int, world: int) -> dict:
+                    rank: int, world: int, precision: str) -> dict:
     """Write A_{t+1} (EMA or hard refresh, as `final` on rank 0) atomically, then register it: that
     starts round t + 1."""
     folder = store.root / "anchors" / f"round={cfg.round + 1}"
     if rank == 0:
-        meta = {"parent_round": cfg.round, "parent_hash": anchor["anchor_hash"], "dataset_id": dataset["dataset_id"]}
+        meta = {"parent_round": cfg.round, "parent_hash": anchor["anchor_hash"], "dataset_id": dataset["dataset_id"],
+                "precision": precision}
         digest = checkpoints.save_checkpoint(folder, final, tokenizer, meta=meta)
         store.register_anchor(cfg.round + 1, str(folder), digest, parent_round=cfg.round,
                               config={**cfg.model_dump(), **meta})

@@ -48,7 +48,7 @@ def test_fsdp_divides_the_sharded_parts_by_the_world_size():
     eight = memory_per_device(shape, world=8, fsdp=True, tokens=64)
     for k in ("parameters", "anchor", "gradients", "optimizer"):
         assert abs(eight[k] - one[k] / 8) <= 1
-    assert eight["activations"] < one["activations"]  # bf16 residual stream under FSDP's mixed precision
+    assert eight["activations"] == one["activations"]
     assert one["gathered"] == 0 < eight["gathered"]
     assert eight["total"] == sum(v for k, v in eight.items() if k != "total")
 
