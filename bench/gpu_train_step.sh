@@ -11,7 +11,7 @@ py=$(command -v python3)
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $py -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-  # the chunked head against the full-logits reference on the GPU, bf16 autocast (a sanity check, not a test)
+  # the chunked head against the full-logits reference on the GPU under the bf16-autocast policy (a sanity check)
   $py - <<'PY'
 import torch
 from trainer.logprobs import completion_logprobs, full_logits_logprobs
@@ -20,6 +20,8 @@ torch.manual_seed(0)
 cfg = Qwen2Config(vocab_size=151936, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, attn_implementation="sdpa")
 m = Qwen2ForCausalLM(cfg).cuda()
+from bond_data.precision import fp32_head
+fp32_head(m)  # both sides: the body under bf16 autocast, the head in fp32 (bond_data/precision.py)
 g = torch.Generator().manual_seed(1)
 rows = [{"prompt": torch.randint(3, 151936, (int(torch.randint(8, 64, (1,), generator=g)),), generator=g).tolist(),
          "completion": torch.randint(3, 151936, (int(torch.randint(16, 512, (1,), generator=g)),), generator=g).tolist()}

@@ -1,7 +1,8 @@
 """The BOND training step before and after issue 12, same model and same rows: tokens/s and peak memory.
 
-- `before`: the step as it was: right-padded rows, the full [B, T, V] logits, their fp32 log-softmax
-  (`full_logits_logprobs`), Jeffreys loss, backward;
+- `before`: the step as it was: right-padded rows, the full [B, T, V] logits (the LM head in fp32,
+  as bond_data/precision.py wants), their fp32 log-softmax (`full_logits_logprobs`), Jeffreys
+  loss, backward;
 - `after`: `trainer.train.train_step`: packed rows, the LM head only at completion positions, in
   checkpointed chunks (`trainer/logprobs.py`); optionally torch.compile / activation checkpointing.
 
@@ -96,6 +97,9 @@ def worker(args) -> None:
     rows = build_rows(size)
     micro = [rows[i : i + size["rows"]] for i in range(0, len(rows), size["rows"])]
     if args.variant == "before":
+        from bond_data.precision import fp32_head
+
+        fp32_head(policy)  # the step on main before issue 12: the precision policy's fp32 head, full logits
         step = lambda: step_before(policy, micro, 0.5, 0.05, len(rows), device)
     else:
         if args.checkpointing:
