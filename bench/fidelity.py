@@ -215,20 +215,23 @@ def run_online(task, folder: Path, pool: Path | None, seed: int, steps: int, kl_
 
 
 def run_task(name: str, out: Path, quick: bool, seeds: list[int], k: int, online_steps: int,
-             online_seeds: list[int], kl_coefs: tuple[float, ...]) -> dict:
+             online_seeds: list[int], kl_coefs: tuple[float, ...], save) -> dict:
+    """Every seed of one task, then its online runs; `save(result)` after each seed and run."""
     task = load_task(name)
     pool = evaluate.ensure_eval_pool(out / f"{name}-eval", str(task.model_dir), str(task.eval_prompts_file),
                                      task.reward, k=EVAL_POOL_K)
-    rows, online = [], []
+    result = {"rows": [], "online": [], "bon_kl": {n: evaluate.bon_kl_on_pool(evaluate._read_pool(pool), n)
+                                                   for n in (1, 2, 4, 8, 16, 32)}}
     for seed in seeds:
         work = out / name / f"seed{seed}"
         shutil.rmtree(work, ignore_errors=True)
-        rows += run_seed(name, task, work, pool, seed, quick, k)
-        if name == "digits" and seed in online_seeds and online_steps:
-            online += run_online(task, out / name / "online", pool, seed, online_steps,
-                                 kl_coefs if seed == online_seeds[0] else ())
-    return {"rows": rows, "online": online, "bon_kl": {n: evaluate.bon_kl_on_pool(evaluate._read_pool(pool), n)
-                                                        for n in (1, 2, 4, 8, 16, 32)}}
+        result["rows"] += run_seed(name, task, work, pool, seed, quick, k)
+        save(result)
+    for seed in online_seeds if name == "digits" and online_steps else []:
+        result["online"] += run_online(task, out / name / "online", pool, seed, online_steps,
+                                       kl_coefs if seed == online_seeds[0] else ())
+        save(result)
+    return result
 
 
 # ---- reporting -----------------------------------------------------------------------------------
@@ -303,6 +306,15 @@ def online_table(online: list[dict], bon_kl: dict) -> str:
     return "\n".join(lines)
 
 
+def report_lines(results: dict) -> list[str]:
+    out = []
+    for name, res in results.items():
+        out += [markdown_table(name, aggregate(res["rows"])), "", *targets(name, res["rows"])]
+        if res.get("online"):
+            out.append(online_table(res["online"], res["bon_kl"]))
+    return out
+
+
 def print_rows(label: str, rows: list[dict]) -> None:
     print(markdown_table(label, aggregate(rows)), flush=True)
 
@@ -314,7 +326,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..S-1 (default 3; --quick 1)")
     ap.add_argument("--out", type=Path, default=Path("bench-out/fidelity"))
     ap.add_argument("--results", type=Path, default=Path("bench/RESULTS.md"))
-    ap.add_argument("--rows", type=Path, help="only redraw the plot from a saved rows.json")
+    ap.add_argument("--rows", type=Path, nargs="+", help="only redraw the plot from saved rows.json files (merged)")
     ap.add_argument("--k", type=int, default=16, help="pool size per training prompt")
     ap.add_argument("--online-steps", type=int, default=200, help="J-BOND / REINFORCE steps (0: no online runs)")
     ap.add_argument("--online-seeds", type=int, default=1, help="seeds with a J-BOND run (the REINFORCE sweep: the first)")
@@ -326,8 +338,10 @@ def main() -> None:
     tasks = args.tasks or (["tiny"] if args.quick else ["tiny", "digits"])
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     png_path = args.results.with_name("fidelity-quick.png" if args.quick else "fidelity.png")
-    if args.rows:
-        print(plot(json.loads(args.rows.read_text()), png_path))
+    if args.rows:  # the tables, targets and plot again from saved rows (nothing appended)
+        saved = {k: v for path in args.rows for k, v in json.loads(path.read_text()).items()}
+        print("\n".join(report_lines(saved)))
+        print(plot(saved, png_path))
         return
     if args.train_online_only:  # train (or finish) the online runs alone, e.g. ahead of the full run
         task = load_task("digits")
@@ -336,22 +350,26 @@ def main() -> None:
                        KL_COEFS if seed == 0 else ())
         return
     start = time.time()
-    results, report = {}, []
+    results = {}
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows_path = args.out / ("rows-quick.json" if args.quick else "rows.json")
+
+    def save(result: dict, name: str = "") -> None:  # partial results survive a run cut short
+        rows_path.write_text(json.dumps({**results, name: result}))
+
     for name in tasks:
         results[name] = run_task(name, args.out, args.quick, seeds, args.k, 0 if args.quick else args.online_steps,
-                                 seeds[: args.online_seeds], KL_COEFS)
-        report += [markdown_table(name, aggregate(results[name]["rows"])), "", *targets(name, results[name]["rows"])]
-        if results[name]["online"]:
-            report += [online_table(results[name]["online"], results[name]["bon_kl"])]
-        (args.out / "rows.json").write_text(json.dumps(results))
-    png = plot(results, png_path)
+                                 seeds[: args.online_seeds], KL_COEFS, lambda r, name=name: save(r, name))
+    rows_path.write_text(json.dumps(results))
+    report = report_lines(results)
     minutes = (time.time() - start) / 60
     cmd = " ".join(["python bench/fidelity.py", *sys.argv[1:]])
-    text = "\n".join([f"### `{cmd}` ({minutes:.1f} min on this machine)", *report, "", f"Plot: `{png}`", ""])
+    text = "\n".join([f"### `{cmd}` ({minutes:.1f} min on this machine)", *report, "", f"Plot: `{png_path}`", ""])
     with open(args.results, "a") as f:
         f.write(text + "\n")
     print(text)
-    print(f"fidelity: done in {minutes:.1f} min; appended to {args.results}")
+    plot(results, png_path)
+    print(f"fidelity: done in {minutes:.1f} min; appended to {args.results}; rows: {rows_path}")
 
 
 if __name__ == "__main__":
