@@ -145,7 +145,7 @@ def train_online_run(task, folder: Path, cfg: OnlineConfig) -> list[tuple[int, s
 def _row(method: str, n: int | None, seed: int, m: dict, bon_q: dict[int, list[float]]) -> dict:
     row = {"method": method, "N": n, "seed": seed, **{k: m[k] for k in ("reward", "p_le", "log_p_le", "kl")},
            "samples": len(m["quantiles"]), "ks_beta": bon.ks_distance_to_beta(m["quantiles"], n or 1)}
-    if n in bon_q:
+    if n in bon_q and method != "Best-of-N sampling":
         row["ks_bon"] = evaluate.ks_distance(m["quantiles"], bon_q[n])
     return row
 

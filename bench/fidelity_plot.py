@@ -86,7 +86,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for (method, n), rs in groups.items():
         agg = {"method": method, "N": n, "seeds": len(rs), "samples": rs[0]["samples"]}
         for key in ("reward", "p_le", "log_p_le", "kl", "ks_beta", "ks_bon"):
-            vals = np.array([r[key] for r in rs if key in r], dtype=float)
+            vals = np.array([r[key] for r in rs if key in r and not (key == "ks_bon" and method == "Best-of-N sampling")],
+                            dtype=float)  # Best-of-N against its own quantiles: 0 by construction
             if vals.size:
                 agg[key] = float(vals.mean())
                 agg[key + "_sd"] = float(vals.std(ddof=1)) if vals.size > 1 else 0.0
