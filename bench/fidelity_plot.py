@@ -54,11 +54,13 @@ def _offline_panel(ax, task: str, agg: list[dict], key: str) -> None:
         ax.errorbar([r["kl"] for r in shown], [r[key] for r in shown], xerr=[r["kl_sd"] for r in shown],
                     yerr=[r[key + "_sd"] for r in shown], fmt="o-" if len(shown) > 1 else "o", ms=4, capsize=2,
                     label=method)
+        for r in shown:
+            ax.annotate(str(r["N"]), (r["kl"], r[key]), textcoords="offset points", xytext=(3, 3), fontsize=7)
     if off:
         ax.text(0.98, 0.02, "off the plot (diverged):\n" + "\n".join(off), transform=ax.transAxes,
                 ha="right", va="bottom", fontsize=7)
     ax.set_xlim(-0.05, X_MAX)
-    _finish(ax, f"task {task}: offline, mean ± sd over seeds", key)
+    _finish(ax, f"task {task}: offline (numbers: N), mean ± sd over seeds", key)
 
 
 def _online_panel(ax, agg: list[dict], online: list[dict], key: str) -> None:
