@@ -298,21 +298,42 @@ def targets(task: str, rows: list[dict]) -> list[str]:
     return out
 
 
-def online_table(online: list[dict], bon_kl: dict) -> str:
-    lines = ["\n#### online, task `digits`: checkpoints along training (16 samples per held-out prompt)\n",
-             "| method | seed | step | samples generated | reward | E[log p_le] | KL(pi‖pi_0) |", "|---|---:|---:|---:|---:|---:|---:|"]
+def online_table(online: list[dict], every: int = 50) -> str:
+    """Checkpoints every `every` steps of each online method, mean ± sd over its seeds."""
+    lines = [("\n#### online, task `digits`: checkpoints along training (16 samples per held-out prompt, "
+             "mean ± sd over seeds where there are several)\n"),
+             "| method | seeds | step | samples generated | reward | E[log p_le] | KL(pi‖pi_0) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    groups: dict[tuple, list[dict]] = {}
     for r in online:
-        lines.append(f"| {r['method']} | {r['seed']} | {r['step']} | {r['generated']:,} | {r['reward']:.4f} | "
-                     f"{r['log_p_le']:.3f} | {r['kl']:.3f} |")
+        if r["step"] % every == 0:
+            groups.setdefault((r["method"], r["step"]), []).append(r)
+    for (method, step), rs in groups.items():
+        cells = []
+        for key, digits in (("reward", 4), ("log_p_le", 3), ("kl", 3)):
+            v = np.array([r[key] for r in rs])
+            cells.append(f"{v.mean():.{digits}f}" + (f" ± {v.std(ddof=1):.{digits}f}" if v.size > 1 else ""))
+        lines.append(f"| {method} | {len(rs)} | {step} | {rs[0]['generated']:,} | {' | '.join(cells)} |")
     return "\n".join(lines)
+
+
+def merge_rows(saved: list[dict]) -> dict:
+    """Several rows.json files as one: per task, rows and online rows concatenated."""
+    out: dict = {}
+    for results in saved:
+        for task, res in results.items():
+            into = out.setdefault(task, {"rows": [], "online": []})
+            into["rows"] += res.get("rows", [])
+            into["online"] += res.get("online", [])
+    return out
 
 
 def report_lines(results: dict) -> list[str]:
     out = []
     for name, res in results.items():
-        out += [markdown_table(name, aggregate(res["rows"])), "", *targets(name, res["rows"])]
+        out += [markdown_table(name, aggregate(res["rows"])), "", *targets(name, res["rows"])] if res["rows"] else []
         if res.get("online"):
-            out.append(online_table(res["online"], res["bon_kl"]))
+            out.append(online_table(res["online"]))
     return out
 
 
@@ -331,7 +352,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=16, help="pool size per training prompt")
     ap.add_argument("--online-steps", type=int, default=200, help="J-BOND / REINFORCE steps (0: no online runs)")
     ap.add_argument("--online-seeds", type=int, default=1, help="seeds with a J-BOND run (the REINFORCE sweep: the first)")
-    ap.add_argument("--train-online-only", action="store_true", help="only train the online runs (they resume)")
+    ap.add_argument("--online-only", action="store_true", help="only the online runs (digits): train or resume, "
+                    "evaluate each checkpoint, write rows-online.json (merge with --rows)")
+    ap.add_argument("--train-only", action="store_true", help="with --online-only: train, do not evaluate")
     args = ap.parse_args()
     import torch
 
@@ -340,15 +363,19 @@ def main() -> None:
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     png_path = args.results.with_name("fidelity-quick.png" if args.quick else "fidelity.png")
     if args.rows:  # the tables, targets and plot again from saved rows (nothing appended)
-        saved = {k: v for path in args.rows for k, v in json.loads(path.read_text()).items()}
+        saved = merge_rows([json.loads(path.read_text()) for path in args.rows])
         print("\n".join(report_lines(saved)))
         print(plot(saved, png_path))
         return
-    if args.train_online_only:  # train (or finish) the online runs alone, e.g. ahead of the full run
+    if args.online_only:  # the online runs alone (they resume: finished runs are only evaluated)
         task = load_task("digits")
+        pool = None if args.train_only else evaluate.ensure_eval_pool(
+            args.out / "digits-eval", str(task.model_dir), str(task.eval_prompts_file), task.reward, k=EVAL_POOL_K)
+        online = []
         for seed in seeds[: args.online_seeds]:
-            run_online(task, args.out / "digits" / "online", None, seed, args.online_steps,
-                       KL_COEFS if seed == 0 else ())
+            online += run_online(task, args.out / "digits" / "online", pool, seed, args.online_steps,
+                                 KL_COEFS if seed == 0 else ())
+            (args.out / "rows-online.json").write_text(json.dumps({"digits": {"rows": [], "online": online}}))
         return
     start = time.time()
     results = {}
