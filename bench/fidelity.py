@@ -204,12 +204,18 @@ def run_online(task, folder: Path, pool: Path | None, seed: int, steps: int, kl_
     a finished run costs nothing the second time."""
     rows = []
     for method, cfg in online_runs(seed, steps, kl_coefs):
-        checkpoints = train_online_run(task, folder / f"{method.replace(' ', '-')}-seed{seed}", cfg)
+        run = folder / f"{method.replace(' ', '-')}-seed{seed}"
+        checkpoints = train_online_run(task, run, cfg)
         if pool is None:
             continue
+        cache = run.with_name(run.name + "-measured.json")  # step -> row: a rerun measures only new checkpoints
+        measured = json.loads(cache.read_text()) if cache.is_file() else {}
         for step, policy in checkpoints:
-            row = measure(method, None, policy, task, pool, seed, {}, samples=16)
-            rows.append({**row, "step": step, "generated": step * cfg.prompts_per_step * 3})
+            if str(step) not in measured:
+                row = measure(method, None, policy, task, pool, seed, {}, samples=16)
+                measured[str(step)] = {**row, "step": step, "generated": step * cfg.prompts_per_step * 3}
+                cache.write_text(json.dumps(measured))
+            rows.append(measured[str(step)])
         print(f"{method} seed {seed}: last E[log p_le] {rows[-1]['log_p_le']:.3f} KL {rows[-1]['kl']:.3f}", flush=True)
     return rows
 
