@@ -208,7 +208,7 @@ def run_online(task, folder: Path, pool: Path | None, seed: int, steps: int, kl_
         checkpoints = train_online_run(task, run, cfg)
         if pool is None:
             continue
-        cache = run.with_name(run.name + "-measured.json")  # step -> row: a rerun measures only new checkpoints
+        cache = run.with_name(run.name + "-steps") / "measured.json"  # step -> row: a rerun measures only new ones
         measured = json.loads(cache.read_text()) if cache.is_file() else {}
         for step, policy in checkpoints:
             if str(step) not in measured:
