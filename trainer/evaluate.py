@@ -275,7 +275,7 @@ def plot_reward_vs_kl(rows: list[dict], out_png: Path, n: int, bon: list[dict] |
         ax.set_xlabel(r"KL($\pi_t \,\|\, \pi_0$) (nats)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=8, ncol=2)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=8, ncol=1)  # one column: no overlap
     left.set_title(f"quantile vs KL: BOND rounds vs Best-of-{n}^t")
     right.set_title("reward vs KL")
     try:

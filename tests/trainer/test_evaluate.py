@@ -232,8 +232,8 @@ def test_ks_noise_matches_monte_carlo():
 
 
 def test_best_of_several_n_from_one_draw(pool, untrained_model):
-    both = evaluate.evaluate_best_of_ns(str(untrained_model), pool, REWARD, [2, 4], samples_per_prompt=8)
-    alone = evaluate.evaluate_best_of_n(str(untrained_model), pool, REWARD, 4, samples_per_prompt=8)
+    both = evaluate.evaluate_best_of_ns(str(untrained_model), pool, REWARD, [2, 4], samples_per_prompt=4)
+    alone = evaluate.evaluate_best_of_n(str(untrained_model), pool, REWARD, 4, samples_per_prompt=4)
     assert both[4] == alone  # same draw (the largest n's), same figures
-    assert both[2]["samples"] == 2 * 8 * len(WORDS) and len(both[2]["quantiles"]) == 8 * len(WORDS)
+    assert both[2]["samples"] == 2 * 4 * len(WORDS) and len(both[2]["quantiles"]) == 4 * len(WORDS)
     assert both[2]["kl"] == pytest.approx(evaluate.bon_kl_on_pool(evaluate._read_pool(pool), 2))
