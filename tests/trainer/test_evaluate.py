@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from testutil import REWARD, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bond_data import bon
-from testutil import REWARD, write_jsonl
 from trainer import evaluate
 
 WORDS = ["dbca", "hello", "kite", "lamp", "qwerty"]

@@ -104,7 +104,7 @@ class Crash(Exception):
 
 
 def test_kill_and_resume_ends_where_an_uninterrupted_run_ends(untrained_model, tmp_path, monkeypatch):
-    import trainer.online as online
+    from trainer import online
 
     cfg = _small(steps=4, eta=0.3, checkpoint_every=2)
     whole = train_online(str(untrained_model), PROMPTS, "rewards_for_tests:letter_count", tmp_path / "whole", cfg,
