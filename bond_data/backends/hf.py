@@ -189,6 +189,8 @@ class TransformersBackend:
             do_sample=False, max_new_tokens=sampling.max_new_tokens, num_beams=1,
             eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id, **self.cache,
         )
+        if self.cache:  # a static cache sized in steps of 128: later batches reuse it (and its compiled graph)
+            config.max_cache_len = -(-(prompt_len + sampling.max_new_tokens) // 128) * 128
         seqs = self.model.generate(**enc, generation_config=config, logits_processor=LogitsProcessorList([sampler]))
         new = seqs[:, prompt_len:]  # [B, T]
         anchor_logp, sample_logp = sampler.finish(new[:, -1])
