@@ -100,6 +100,8 @@ def test_lora_training_learns_and_registers_a_merged_anchor(round0):
     assert run_generation(round0, k=2, round_=1, max_new_tokens=4) > 0
     rows = round0.query("SELECT DISTINCT anchor_hash FROM candidates WHERE round = 1").to_pylist()
     assert rows == [{"anchor_hash": round0.anchor(1)["anchor_hash"]}]
+    run_scoring(round0, round_=1)  # and the round's scoring and build take its pool as any other
+    assert build.build_dataset(round0, 1, n=2)["dataset_id"]
 
 
 def test_lora_ema_of_adapters_equals_the_naive_ema(round0, monkeypatch):
