@@ -141,6 +141,9 @@ class GenerateConfig(RunnerConfig):
     decoding: Literal["dynamic", "static", "static-compiled"] = Field(
         "dynamic", description="transformers KV cache: dynamic, static (preallocated) or static-compiled (static + "
         "torch.compile of the decoding step, CUDA only); all sample the same tokens")
+    precision: Literal["auto", "fp32", "bf16-autocast"] = Field(
+        "auto", description="transformers: the policy log A is computed under, recorded with each candidate for the "
+                            "trainer (bond_data/precision.py); auto = bf16-autocast on cuda, fp32 elsewhere")
     # vLLM engine arguments (backend vllm only)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory the engine reserves")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one model is split across")

@@ -56,7 +56,8 @@ def prefect_shards(fn: Callable[..., dict], calls: list[tuple]) -> Iterable[dict
 def generate_flow(store: str, cfg: dict) -> dict:
     c = GenerateConfig.model_validate(cfg)
     engine_args = c.engine_args() if c.backend == "vllm" else {"decoding": c.decoding}
-    result = stages.generate_round(Store(store), c.round, c.k, Sampling(c.temperature, c.top_p, c.max_new_tokens),
+    sampling = Sampling(c.temperature, c.top_p, c.max_new_tokens, c.precision)
+    result = stages.generate_round(Store(store), c.round, c.k, sampling,
                                    c.shard_prompts, c.backend, c.batch_size, c.device, engine_args,
                                    run_shards=prefect_shards)
     print(f"round {c.round}: generated {result['shards_generated']} shard(s); k = {c.k}")

@@ -7,6 +7,7 @@ them, flags override the file, and every description shows in `--help`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -33,6 +34,9 @@ class TrainConfig(Config):
                              "r=16,alpha=32,targets=q_proj,v_proj[,dropout=0.05]; the EMA averages the adapters, "
                              "the next anchor is the merged model; none trains every weight")
     device: str | None = Field(None, pattern=DEVICE_PATTERN, description="cpu, cuda, cuda:N or mps; none picks cuda when available (bf16 autocast on cuda)")
+    precision: Literal["auto", "fp32", "bf16-autocast"] = Field(
+        "auto", description="auto follows the pool's recorded policy (else bf16-autocast on cuda, fp32 elsewhere); "
+                            "another policy than the pool's is refused (bond_data/precision.py)")
 
 
     @field_validator("lora")

@@ -19,11 +19,9 @@ def jobs(k=3):
     return [PromptJob(str(j), p, None, list(range(k)), [97 * j + s for s in range(k)]) for j, p in enumerate(PROMPTS)]
 
 
-def sample(folder, decoding, batch_size, device="cpu", dtype=None):
+def sample(folder, decoding, batch_size, device="cpu", precision="auto"):
     backend = TransformersBackend.from_pretrained(str(folder), batch_size=batch_size, device=device, decoding=decoding)
-    if dtype is not None:
-        backend.model.to(dtype)
-    return backend.generate(jobs(), Sampling(max_new_tokens=10))
+    return backend.generate(jobs(), Sampling(max_new_tokens=10, precision=precision))
 
 
 def assert_same(a, b, atol):
@@ -67,8 +65,8 @@ def test_decoding_paths_that_cannot_run_are_refused(untrained_model):
 def test_static_compiled_matches_dynamic_on_a_gpu(untrained_model):
     """fp32, so that only the kernels differ: compiled kernels may round differently, which can flip
     a near-tie in the argmax and change the rest of a row; nearly every row must agree exactly."""
-    dynamic = sample(untrained_model, "dynamic", 16, "cuda", torch.float32)
-    compiled = sample(untrained_model, "static-compiled", 16, "cuda", torch.float32)
+    dynamic = sample(untrained_model, "dynamic", 16, "cuda", "fp32")
+    compiled = sample(untrained_model, "static-compiled", 16, "cuda", "fp32")
     rows = [(a, b) for ja, jb in zip(dynamic, compiled) for a, b in zip(ja, jb)]
     same = [(a, b) for a, b in rows if a.token_ids == b.token_ids]
     assert len(same) >= 0.9 * len(rows)
