@@ -161,3 +161,24 @@ def test_lora_an_interrupted_run_resumes_to_the_same_anchor(round0, tmp_path, mo
     got = anchor_weights(round0, 1)
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_lora_torchrun_two_processes_match_one_process(round0, tmp_path):
+    """DDP over a peft model: the frozen base is not synchronised, the adapters' gradients are."""
+    import os
+    import subprocess
+    import sys
+
+    two = tmp_path / "two"
+    shutil.copytree(round0.root, two)
+    train_mod.train(str(round0.root), cfg(grad_accum=2, epochs=1))  # one process, 2 micro-batches per step
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+           "-m", "trainer.train", "--store", str(two), "--micro-batch-size", "8", "--grad-accum", "1",
+           "--epochs", "1", "--lr", "1e-2", "--warmup-steps", "2", "--checkpoint-every", "2", "--lora", SPEC]
+    subprocess.run(cmd, env=env, check=True, timeout=600, capture_output=True)
+    one_w = anchor_weights(round0, 1)
+    two_w = load_file(str(two / "anchors" / "round=1" / "model.safetensors"))
+    for k in one_w:
+        torch.testing.assert_close(two_w[k], one_w[k], rtol=0, atol=2e-5)
