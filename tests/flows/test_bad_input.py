@@ -99,6 +99,8 @@ CONFIGS = [  # (case, command, config file content or None, extra flags, message
     ("temperature 0", "generate", None, ["--temperature", "0"], "field 'temperature'"),
     ("beta above 1", "train", "beta: 2\n", [], "field 'beta'"),
     ("a LoRA spec without targets", "train", None, ["--lora", "r=16,alpha=32"], "field 'lora'"),
+    ("static-compiled decoding on a CPU", "generate", None, ["--decoding", "static-compiled", "--device", "cpu"],
+     "field 'decoding': Value error, static-compiled needs a CUDA device"),
     ("a misspelt rounds section", "rounds", "generat:\n  k: 4\n", ["--num", "1"], "unknown section(s) ['generat']"),
     ("a rounds section not a mapping", "rounds", "generate: 4\n", ["--num", "1"], "section 'generate' must be a mapping"),
     ("a misspelt key in a rounds section", "rounds", "build:\n  nn: 2\n", ["--num", "1"], "[build]: field 'nn': unknown key"),
