@@ -152,7 +152,8 @@ def _load_rows(path: Path, tokenizer) -> list[dict]:
     columns = sorted({"prompt", "messages", "token_ids", "bon_weight", weight_pool, logp_anchor})
     rows = []
     for r in pq.read_table(path, columns=columns).to_pylist():
-        messages = json.loads(r["messages"]) if r["messages"] else None
+        messages = r["messages"]  # [{role, content}]; datasets built before it became a list hold JSON text
+        messages = json.loads(messages) if isinstance(messages, str) else messages or None
         prompt = prompt_token_ids(tokenizer, r["prompt"], messages)
         rows.append({"prompt": prompt, "completion": r["token_ids"], "weight": r["bon_weight"],
                      "weight_pool": r[weight_pool], "logp_anchor": r[logp_anchor]})

@@ -5,10 +5,13 @@ prompt ids the family's chat template gives: its log A(y) equals the one generat
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from bond_data import build
+from bond_data.backends.base import PromptJob
 from bond_data.backends.hf import TransformersBackend, stop_token_ids
 from bond_data.files import folder_sha256
 from bond_data.prompts import add_prompts
@@ -50,11 +53,8 @@ def assert_trainer_scores_the_generated_ids(store: Store, dataset_path: str):
     table = store.query("SELECT d.prompt, d.messages, d.token_ids, c.anchor_logprob FROM read_parquet($p) d "
                         "JOIN candidates c USING (candidate_id)", {"p": str(store.root / dataset_path)}).to_pylist()
     assert len(rows) == len(table) == 8 * 4
-    from bond_data.backends.base import PromptJob
-    import json
-
     for row, rec in zip(rows, table):
-        messages = json.loads(rec["messages"]) if rec["messages"] else None
+        messages = json.loads(rec["messages"]) if isinstance(rec["messages"], str) else rec["messages"] or None
         assert row["prompt"] == backend.render(PromptJob("x", rec["prompt"], messages, [0], [0]))
         assert row["completion"] == rec["token_ids"]
     with torch.no_grad():
