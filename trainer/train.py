@@ -21,6 +21,7 @@ How this differs from the paper:
 
     bond train --store DIR --round R [--beta 0.5 --eta 0 ...]          # one process
     torchrun --nproc_per_node=2 -m trainer.train --store DIR --round R  # DDP (gloo on CPU, nccl on GPU)
+    bond train ... --lora r=16,alpha=32,targets=q_proj,v_proj          # adapters only (trainer/lora.py)
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from bond_data.backends.hf import prompt_token_ids
 from bond_data.config import add_config_flags
 from bond_data.device import resolve_device
 from bond_data.store import Store, StoreError
-from trainer import checkpoints
+from trainer import checkpoints, lora
 from trainer.anchor import ema_update
 from trainer.config import TrainConfig
 from trainer.logprobs import collate
@@ -73,14 +74,15 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
     run_dir = store.root / "train" / f"round={cfg.round}" / dataset["dataset_id"]
     resume = checkpoints.latest_checkpoint(run_dir)
     anchor = store.anchor(cfg.round)
-    policy, tokenizer = checkpoints.load_policy(resume or anchor["anchor_path"], device)
+    policy, tokenizer = _load_trainable(anchor["anchor_path"], resume, cfg, device)
     precision_policy.fp32_head(policy)
-    ema = {k: v.detach().clone() for k, v in policy.state_dict().items()} if cfg.eta > 0 else None
+    ema = {k: v.detach().clone() for k, v in _anchor_state(policy).items()} if cfg.eta > 0 else None
     model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
 
     rows = _load_rows(store.root / dataset["path"], tokenizer)
     plan = _batch_plan(rows, cfg.micro_batch_size, cfg.grad_accum, cfg.epochs, cfg.seed, world)  # [step][rank][micro]
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainable = [p for p in policy.parameters() if p.requires_grad]  # all, or the LoRA adapters
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     step = _restore(resume, opt, sched, ema) if resume else 0
 
@@ -91,12 +93,12 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
         t0 = time.perf_counter()
         batch = [[rows[i] for i in micro] for micro in plan[step][rank]]
         metrics = train_step(model, batch, cfg.beta, cfg.gamma, global_rows, world, device, precision)  # fwd + bwd
-        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
+        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
-            ema_update(ema, policy.state_dict(), cfg.eta)
+            ema_update(ema, _anchor_state(policy), cfg.eta)
         step += 1
         log.write(step, metrics, time.perf_counter() - t0, sched.get_last_lr()[0])
         if step % cfg.checkpoint_every == 0 or step == len(plan):
@@ -113,6 +115,21 @@ def _init_distributed() -> tuple[int, int]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _load_trainable(anchor_dir: str, resume: Path | None, cfg: TrainConfig, device: torch.device):
+    """(policy, tokenizer): the whole model from the last checkpoint or the anchor, or with --lora
+    the anchor as a frozen base with adapters (trainer/lora.py)."""
+    if cfg.lora is not None:
+        return lora.load_lora_policy(anchor_dir, resume, lora.parse_lora(cfg.lora), cfg.seed, device)
+    if resume is not None and (resume / lora.ADAPTER_FILE).is_file():
+        raise ValueError(f"{resume}: a LoRA checkpoint; resume it with the same --lora (or delete it)")
+    return checkpoints.load_policy(resume or anchor_dir, device)
+
+
+def _anchor_state(policy) -> dict[str, torch.Tensor]:
+    """What the EMA anchor averages: the whole state, or only the adapters under LoRA."""
+    return lora.adapter_state(policy) if lora.is_lora(policy) else policy.state_dict()
 
 
 def _dataset_record(store: Store, cfg: TrainConfig) -> dict:
@@ -216,7 +233,9 @@ def _refresh_anchor(store: Store, cfg: TrainConfig, dataset: dict, anchor: dict,
     """Write A_{t+1} (EMA or hard refresh) atomically, then register it: that starts round t + 1."""
     folder = store.root / "anchors" / f"round={cfg.round + 1}"
     if rank == 0:
-        if ema is not None:
+        if lora.is_lora(policy):  # the next anchor is a plain model: W + s * B @ A merged in
+            policy = lora.merged_model(policy, ema)
+        elif ema is not None:
             policy.load_state_dict(ema)
         meta = {"parent_round": cfg.round, "parent_hash": anchor["anchor_hash"], "dataset_id": dataset["dataset_id"],
                 "precision": precision}
