@@ -120,9 +120,9 @@ def check_build(store: Store, round_: int, n: int, rm_id: str | None, weighting:
 
 
 def build_round(store: Store, round_: int, n: int, rm_id: str | None = None, weighting: str = "unbiased",
-                target: str = "anchor") -> dict:
+                target: str = "anchor", license: str = "other") -> dict:
     """Write (or find) the round's Best-of-n weighted dataset; its catalog record and summary."""
-    return build.build_dataset(store, round_, n, rm_id, weighting, target)
+    return build.build_dataset(store, round_, n, rm_id, weighting, target, license)
 
 
 def curate_round(store: Store, round_: int, k: int, reward: str, n: int, max_new_tokens: int = 16) -> dict:

@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from bond_data.config import DEVICE_PATTERN, Config
+from trainer.lora import parse_lora
 
 
 class TrainConfig(Config):
@@ -28,8 +29,22 @@ class TrainConfig(Config):
     max_grad_norm: float = Field(1.0, gt=0, description="global gradient-norm clip")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
-    seed: int = Field(0, description="seed of the batch order")
+    seed: int = Field(0, description="seed of the batch order (and of the LoRA adapters' init)")
+    lora: str | None = Field(None, description="train LoRA adapters on a frozen base (peft), e.g. "
+                             "r=16,alpha=32,targets=q_proj,v_proj[,dropout=0.05]; the EMA averages the adapters, "
+                             "the next anchor is the merged model; none trains every weight")
     device: str | None = Field(None, pattern=DEVICE_PATTERN, description="cpu, cuda, cuda:N or mps; none picks cuda when available (bf16 autocast on cuda)")
+    precision: Literal["auto", "fp32", "bf16-autocast"] = Field(
+        "auto", description="auto follows the pool's recorded policy (else bf16-autocast on cuda, fp32 elsewhere); "
+                            "another policy than the pool's is refused (bond_data/precision.py)")
+
+
+    @field_validator("lora")
+    @classmethod
+    def _valid_lora(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_lora(v)  # ValueError -> a one-line ConfigError naming the field
+        return v
 
 
 class OnlineConfig(Config):
