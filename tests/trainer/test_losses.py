@@ -210,7 +210,7 @@ def test_reinforce_kl_loss_gradient_matches_a_naive_loop():
     terms = losses.reinforce_kl_loss(reward, logp, ref, c)
     terms["loss"].backward()
     for b in range(4):
-        shaped = [float(reward[b, i]) - c * (float(logp[b, i]) - float(ref[b, i])) for i in range(3)]
+        shaped = [float(reward[b, i]) - c * (float(logp.detach()[b, i]) - float(ref[b, i])) for i in range(3)]
         for i in range(3):
             others = [shaped[j] for j in range(3) if j != i]
             advantage = shaped[i] - sum(others) / len(others)
