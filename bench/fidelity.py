@@ -399,6 +399,7 @@ def main() -> None:
     minutes = (time.time() - start) / 60
     cmd = " ".join(["python bench/fidelity.py", *sys.argv[1:]])
     text = "\n".join([f"### `{cmd}` ({minutes:.1f} min on this machine)", *report, "", f"Plot: `{png_path}`", ""])
+    args.results.parent.mkdir(parents=True, exist_ok=True)
     with open(args.results, "a") as f:
         f.write(text + "\n")
     print(text)
