@@ -48,6 +48,7 @@ class TrainConfig(Config):
 
 
 class OnlineConfig(Config):
+    algorithm: Literal["jbond", "reinforce"] = Field("jbond", description="jbond (paper Algorithm 2) or reinforce: REINFORCE + KL penalty to the starting policy, the baseline, 3 policy samples per prompt")
     beta: float = Field(0.5, ge=0, le=1, description="Jeffreys mix: 0 forward only (mode covering) .. 1 backward only (seeking)")
     eta: float = Field(0.02, ge=0, le=1, description="EMA anchor step per optimizer step; 0 keeps the starting anchor")
     gamma: float = Field(0.0, ge=0, description="weight of the extra KL(pi || anchor) regulariser")
@@ -58,6 +59,9 @@ class OnlineConfig(Config):
     max_grad_norm: float = Field(1.0, gt=0, description="global gradient-norm clip")
     gen_batch_size: int = Field(64, ge=1, description="sequences per generate() call and per reward-model call")
     seed: int = Field(0, description="sampling seeds and the prompt order derive from it")
+    kl_coef: float = Field(0.1, ge=0, description="reinforce only: weight of KL(pi || starting policy) subtracted from the reward")
+    checkpoint_every: int = Field(50, ge=1, description="steps between resumable checkpoints in <out>-steps/step-N (and at the last step)")
+    keep_checkpoints: int = Field(2, ge=0, description="newest step-N checkpoints kept; 0 keeps all (a training curve)")
     device: str | None = Field(None, pattern=DEVICE_PATTERN, description="cpu, cuda, cuda:N or mps; none picks cuda when available (bf16 autocast on cuda)")
 
 
