@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 
 class ConfigError(ValueError):
@@ -154,6 +154,9 @@ class GenerateConfig(RunnerConfig):
     batch_size: int = Field(64, ge=1, description="sequences per forward pass (prompts x samples)")
     shard_prompts: int = Field(32, ge=1, description="prompts per shard: the unit of work, retry and skip")
     device: str | None = Field(None, pattern=DEVICE_PATTERN, description="cpu, cuda, cuda:N or mps; none picks cuda when available")
+    decoding: Literal["dynamic", "static", "static-compiled"] = Field(
+        "dynamic", description="transformers KV cache: dynamic, static (preallocated) or static-compiled (static + "
+        "torch.compile of the decoding step, CUDA only); all sample the same tokens")
     precision: Literal["auto", "fp32", "bf16-autocast"] = Field(
         "auto", description="transformers: the policy log A is computed under, recorded with each candidate for the "
                             "trainer (bond_data/precision.py); auto = bf16-autocast on cuda, fp32 elsewhere")
@@ -162,6 +165,20 @@ class GenerateConfig(RunnerConfig):
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one model is split across")
     dtype: str = Field("auto", description="vllm: weight dtype (auto, bfloat16, float16, ...)")
     max_model_len: int | None = Field(None, ge=1, description="vllm: context length cap; none takes the model's")
+
+    @field_validator("decoding")
+    @classmethod
+    def _decoding_can_run(cls, v: str, info: ValidationInfo) -> str:
+        """Refused here, before any work, where it cannot run (an explicit --device cuda passes:
+        Dask workers may have the GPU the driver lacks)."""
+        if v != "dynamic" and info.data.get("backend") != "transformers":
+            raise ValueError(f"{v} is a transformers option; vllm has its own")
+        if v == "static-compiled":
+            from bond_data.device import resolve_device
+
+            if resolve_device(info.data.get("device")).type != "cuda":
+                raise ValueError("static-compiled needs a CUDA device; use static or dynamic")
+        return v
 
     def engine_args(self) -> dict:
         """The vLLM engine arguments (LLM(...) keywords) of this config."""

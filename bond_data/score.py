@@ -116,20 +116,26 @@ def _sequence_classifier(folder: str, device: str | None) -> Callable[[list[tupl
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
+    @torch.inference_mode()
+    def score_batch(pairs: list[tuple[str, str]]) -> list[float]:
+        enc = reward_model_inputs(tokenizer, pairs).to(dev)
+        return model(**enc).logits[:, 0].float().cpu().tolist()
+
+    return score_batch
+
+
+def reward_model_inputs(tokenizer, pairs: list[tuple[str | list[dict], str]]):
+    """The exchanges as the RM was trained to see them: a chat prompt's own messages (system and
+    earlier turns included) plus the reply, through the RM tokenizer's chat template. A template
+    writes its own BOS, so the tokenizer adds none then (else Llama- or Mistral-style RMs see two)."""
     def text(prompt: str | list[dict], completion: str) -> str:
-        """The exchange as the RM was trained to see it: a chat prompt's own messages (system and
-        earlier turns included) plus the reply, through the RM tokenizer's chat template."""
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         if tokenizer.chat_template:
             return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}], tokenize=False)
         return "\n".join(m["content"] for m in messages) + completion
 
-    @torch.inference_mode()
-    def score_batch(pairs: list[tuple[str, str]]) -> list[float]:
-        enc = tokenizer([text(p, c) for p, c in pairs], padding=True, truncation=True, return_tensors="pt").to(dev)
-        return model(**enc).logits[:, 0].float().cpu().tolist()
-
-    return score_batch
+    return tokenizer([text(p, c) for p, c in pairs], padding=True, truncation=True, return_tensors="pt",
+                     add_special_tokens=not tokenizer.chat_template)
 
 
 def score_pairs(score_batch: Callable, pairs: list[tuple[str, str]], batch_size: int,

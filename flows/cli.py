@@ -459,12 +459,14 @@ def cmd_demo(args) -> None:
                 score=ScoreConfig(rm=task.reward).model_dump(), build=BuildConfig(n=args.n).model_dump(),
                 train=TrainConfig.load(TINY_TRAIN).model_dump())
     pool = evaluate.ensure_eval_pool(store.root / "eval", str(task.model_dir), str(task.eval_prompts_file), task.reward)
+    # Best-of-N measured on the task (exact KL, ties included): the analytic law assumes a continuous reward
+    bon = evaluate.evaluate_best_of_ns(str(task.model_dir), pool, task.reward, [args.n**t for t in range(args.rounds + 1)])
     rows = []
     for t in range(args.rounds + 1):
         m = evaluate.evaluate_policy(store.anchor(t)["anchor_path"], str(task.model_dir), pool, task.reward)
-        rows.append({"round": t, **m, "analytic": evaluate.analytic_row(args.n**t)})
+        rows.append({"round": t, **m, "analytic": evaluate.analytic_row(args.n**t), "bon": bon[args.n**t]})
     print_rounds(rows, args.n)
-    png = evaluate.plot_reward_vs_kl(rows, store.root / "rounds.png", args.n)
+    png = evaluate.plot_reward_vs_kl(rows, store.root / "rounds.png", args.n, bon=[{"N": n, **b} for n, b in bon.items()])
     print(f"plot: {png}")
     print(f'try: bond sql --store {args.store} "SELECT round, avg(reward) AS one_sample, '
           f'avg(bon_weight * reward) AS best_of_{args.n} FROM bon_pool({args.n}) GROUP BY round ORDER BY round"')
@@ -474,13 +476,14 @@ def print_rounds(rows: list[dict], n: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"iterative BOND, Best-of-{n} per round, evaluated on held-out prompts against pi_0's pool")
-    for col in ["round", "N = n^t", "reward", "p_le", "BoN p_le", "log p_le", "BoN log p_le", "KL(pi_t||pi_0)", "BoN KL"]:
+    t = Table(title=f"iterative BOND, Best-of-{n} per round, evaluated on held-out prompts against pi_0's pool; "
+                    "BoN: Best-of-N sampling measured the same way, its KL exact (ties included)")
+    for col in ["round", "N = n^t", "reward", "BoN reward", "log p_le", "BoN log p_le", "KL(pi_t||pi_0)", "BoN KL"]:
         t.add_column(col, justify="right", no_wrap=True)
     for r in rows:
-        a = r["analytic"]
-        t.add_row(str(r["round"]), str(a["N"]), f"{r['reward']:.4f}", f"{r['p_le']:.3f}", f"{a['p_le']:.3f}",
-                  f"{r['log_p_le']:.3f}", f"{a['log_p_le']:.3f}", f"{r['kl']:.3f}", f"{a['kl']:.3f}")
+        b = r["bon"]
+        t.add_row(str(r["round"]), str(r["analytic"]["N"]), f"{r['reward']:.4f}", f"{b['reward']:.4f}",
+                  f"{r['log_p_le']:.3f}", f"{b['log_p_le']:.3f}", f"{r['kl']:.3f}", f"{b['kl']:.3f}")
     Console(width=max(Console().width, 110)).print(t)
 
 

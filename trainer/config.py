@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from bond_data.config import DEVICE_PATTERN, Config
+from trainer.lora import parse_lora
 
 
 class TrainConfig(Config):
@@ -28,7 +29,10 @@ class TrainConfig(Config):
     max_grad_norm: float = Field(1.0, gt=0, description="global gradient-norm clip")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
-    seed: int = Field(0, description="seed of the batch order")
+    seed: int = Field(0, description="seed of the batch order (and of the LoRA adapters' init)")
+    lora: str | None = Field(None, description="train LoRA adapters on a frozen base (peft), e.g. "
+                             "r=16,alpha=32,targets=q_proj,v_proj[,dropout=0.05]; the EMA averages the adapters, "
+                             "the next anchor is the merged model; none trains every weight")
     device: str | None = Field(None, pattern=DEVICE_PATTERN, description="cpu, cuda, cuda:N or mps; none picks cuda when available (bf16 autocast on cuda)")
     precision: Literal["auto", "fp32", "bf16-autocast"] = Field(
         "auto", description="auto follows the pool's recorded policy (else bf16-autocast on cuda, fp32 elsewhere); "
@@ -44,7 +48,16 @@ class TrainConfig(Config):
     anchor_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the EMA anchor copy (eta > 0); bfloat16 halves it, but an EMA step below bf16's resolution (eta under ~1/256 of a weight's change) is lost")
 
 
+    @field_validator("lora")
+    @classmethod
+    def _valid_lora(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_lora(v)  # ValueError -> a one-line ConfigError naming the field
+        return v
+
+
 class OnlineConfig(Config):
+    algorithm: Literal["jbond", "reinforce"] = Field("jbond", description="jbond (paper Algorithm 2) or reinforce: REINFORCE + KL penalty to the starting policy, the baseline, 3 policy samples per prompt")
     beta: float = Field(0.5, ge=0, le=1, description="Jeffreys mix: 0 forward only (mode covering) .. 1 backward only (seeking)")
     eta: float = Field(0.02, ge=0, le=1, description="EMA anchor step per optimizer step; 0 keeps the starting anchor")
     gamma: float = Field(0.0, ge=0, description="weight of the extra KL(pi || anchor) regulariser")
@@ -55,6 +68,9 @@ class OnlineConfig(Config):
     max_grad_norm: float = Field(1.0, gt=0, description="global gradient-norm clip")
     gen_batch_size: int = Field(64, ge=1, description="sequences per generate() call and per reward-model call")
     seed: int = Field(0, description="sampling seeds and the prompt order derive from it")
+    kl_coef: float = Field(0.1, ge=0, description="reinforce only: weight of KL(pi || starting policy) subtracted from the reward")
+    checkpoint_every: int = Field(50, ge=1, description="steps between resumable checkpoints in <out>-steps/step-N (and at the last step)")
+    keep_checkpoints: int = Field(2, ge=0, description="newest step-N checkpoints kept; 0 keeps all (a training curve)")
     device: str | None = Field(None, pattern=DEVICE_PATTERN, description="cpu, cuda, cuda:N or mps; none picks cuda when available (bf16 autocast on cuda)")
 
 

@@ -10,6 +10,14 @@ reward, and `plot_reward_vs_kl` draws them for a run of rounds.
 p_le of a policy sample y counts y itself among the pool, (#{pool r <= r(y)} + 1) / (k + 1), as the
 dataset's definition does, so log p_le is always finite; for pi_0 against its own pool with
 continuous rewards its mean is (k+2) / (2(k+1)), a shade above 1/2 (ties push it higher still).
+
+The analytic row is the reference for a *continuous* reward only. With ties (a discrete reward, the
+tiny task) Best-of-N is weaker than Beta(N, 1) and its KL is below log N - (N-1)/N (an upper bound,
+Beirami et al. 2024, arXiv 2401.01879), so each policy is also set beside Best-of-N *measured on
+the task*: `evaluate_best_of_n` samples it and evaluates it the same way, and `bon_kl_exact` gives
+its KL to pi_0 exactly, ties included, from the pool's reward law (Theorem 1 summed over a reward
+level). `ks_distance` compares two quantile samples (a policy against measured Best-of-N) and
+`ks_noise` says how far apart two samples of one law typically are.
 """
 
 from __future__ import annotations
@@ -143,16 +151,82 @@ def evaluate_best_of_n(pi0_dir: str, pool_path: Path, reward_spec: str, n: int, 
                        max_new_tokens: int = 16, seed: int = 2) -> dict:
     """Best-of-n sampling itself (the target BOND distils): per prompt, `samples_per_prompt` groups of
     n fresh pi_0 samples, the best of each group kept (the first wins ties, as an argmax does).
-    Its KL to pi_0 has no sample estimate (no density); report the analytic value beside it."""
+
+    Best-of-n has no density to sample a KL from; "kl" is its exact KL to pi_0 on the pool's reward
+    law, ties included (`bon_kl_on_pool`), "kl_analytic" the continuous-reward log n - (n-1)/n."""
+    return evaluate_best_of_ns(pi0_dir, pool_path, reward_spec, [n], samples_per_prompt, max_new_tokens, seed)[n]
+
+
+def evaluate_best_of_ns(pi0_dir: str, pool_path: Path, reward_spec: str, ns: list[int], samples_per_prompt: int = 8,
+                        max_new_tokens: int = 16, seed: int = 2) -> dict[int, dict]:
+    """`evaluate_best_of_n` for several n from one draw of max(ns) * samples_per_prompt pi_0 samples
+    per prompt: Best-of-n takes the first n * samples_per_prompt of them, in groups of n. Each n's
+    figures are those of Best-of-n sampling; across n they share samples (not independent)."""
     pool = _read_pool(Path(pool_path))
     prompts = list(pool)
-    outs = _sample(_backend(pi0_dir), prompts, samples_per_prompt * n, max_new_tokens, f"bon{n}", seed)
+    draw = max(ns) * samples_per_prompt
+    outs = _sample(_backend(pi0_dir), prompts, draw, max_new_tokens, f"bon{max(ns)}", seed)
     pairs = [(p, c.text) for p, cs in zip(prompts, outs) for c in cs]
-    rewards = _rewards(reward_spec, pairs).reshape(len(prompts), samples_per_prompt, n)
-    best = rewards[np.arange(len(prompts))[:, None], np.arange(samples_per_prompt)[None, :], rewards.argmax(-1)]
-    p_le = np.concatenate([quantile_against_pool(pool[p], r) for p, r in zip(prompts, best)])
-    return {"reward": float(best.mean()), "p_le": float(p_le.mean()), "log_p_le": float(np.log(p_le).mean()),
-            "kl": analytic_row(n)["kl"], "samples": int(rewards.size), "quantiles": p_le.tolist()}
+    rewards = _rewards(reward_spec, pairs).reshape(len(prompts), draw)
+    out = {}
+    for n in ns:
+        groups = rewards[:, : n * samples_per_prompt].reshape(len(prompts), samples_per_prompt, n)
+        best = np.take_along_axis(groups, groups.argmax(-1)[..., None], -1)[..., 0]  # [prompts, samples]
+        p_le = np.concatenate([quantile_against_pool(pool[p], r) for p, r in zip(prompts, best)])
+        out[n] = {"reward": float(best.mean()), "p_le": float(p_le.mean()), "log_p_le": float(np.log(p_le).mean()),
+                  "kl": bon_kl_on_pool(pool, n), "kl_analytic": analytic_row(n)["kl"], "samples": int(groups.size),
+                  "quantiles": p_le.tolist()}
+    return out
+
+
+# ---- Best-of-N measured on the task: exact KL with ties, KS distances -------------------------
+def bon_kl_exact(rewards: np.ndarray, n: int) -> float:
+    """KL(BoN_n || pi_0) of one prompt, ties included, taking `rewards` (a large pool of pi_0 samples)
+    as the prompt's reward law.
+
+    With reward levels v of probability p_v and F_le(v) / F_lt(v) = P[r <= v] / P[r < v], Theorem 1
+    gives pi_BoN(y) = pi_0(y) w(r(y)) with w(v) = (F_le^n - F_lt^n) / (F_le - F_lt): the ratio depends
+    on y only through its reward, and a level's Best-of-n mass is P_BoN(v) = F_le^n - F_lt^n, so
+
+        KL(BoN_n || pi_0) = E_BoN[log w] = sum_v P_BoN(v) log(P_BoN(v) / p_v).
+
+    Without ties and with a large pool this tends to log n - (n-1)/n (64 distinct values, n = 8:
+    1.2038 against 1.2044); with ties it is smaller."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    _, counts = np.unique(np.asarray(rewards, dtype=np.float64), return_counts=True)  # levels, ascending
+    p = counts / counts.sum()
+    f_le = np.minimum(np.cumsum(p), 1.0)
+    f_lt = f_le - p
+    mass = f_le**n - f_lt**n  # [levels] Best-of-n probability of each level
+    keep = mass > 0  # 0 log 0 = 0 (a level far below the top, underflowed)
+    return float(np.sum(mass[keep] * np.log(mass[keep] / p[keep])))
+
+
+def bon_kl_on_pool(pool: dict[str, np.ndarray], n: int) -> float:
+    """KL(BoN_n || pi_0) over prompts drawn uniformly from the pool's: the mean of the per-prompt KLs."""
+    return float(np.mean([bon_kl_exact(r, n) for r in pool.values()]))
+
+
+def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov distance sup_x |F_a(x) - F_b(x)| (ties handled: both empirical
+    CDFs are compared just after every value either sample takes)."""
+    a, b = np.sort(np.asarray(a, dtype=np.float64)), np.sort(np.asarray(b, dtype=np.float64))
+    if a.size == 0 or b.size == 0:
+        raise ValueError("ks_distance needs two non-empty samples")
+    x = np.concatenate([a, b])
+    return float(np.max(np.abs(np.searchsorted(a, x, side="right") / a.size
+                               - np.searchsorted(b, x, side="right") / b.size)))
+
+
+KOLMOGOROV_MEAN = float(np.sqrt(np.pi / 2) * np.log(2))  # E[sup |Brownian bridge|] = 0.8687
+
+
+def ks_noise(n1: int, n2: int | None = None) -> float:
+    """The KS distance expected between samples of one continuous law: a one-sample KS of n1 draws
+    against the law (n2 None), or two samples of n1 and n2 draws; asymptotically
+    0.8687 * sqrt(1/n1 + 1/n2). A measured distance well above it is a real difference."""
+    return KOLMOGOROV_MEAN * float(np.sqrt(1 / n1 + (1 / n2 if n2 else 0.0)))
 
 
 def analytic_row(N: int) -> dict:
@@ -162,9 +236,12 @@ def analytic_row(N: int) -> dict:
 
 
 # ---- the plot ----------------------------------------------------------------------------------
-def plot_reward_vs_kl(rows: list[dict], out_png: Path, n: int) -> Path:
-    """Two panels against KL(pi_t || pi_0): measured mean p_le with the analytic Best-of-N curve and
-    its points N = n^t (left), and mean reward (right); each round marked 't=..'. Written atomically."""
+def plot_reward_vs_kl(rows: list[dict], out_png: Path, n: int, bon: list[dict] | None = None) -> Path:
+    """Two panels against KL(pi_t || pi_0): measured mean p_le (left) and mean reward (right), each
+    round marked 't=..'. The left panel has the analytic Best-of-N curve and its points N = n^t,
+    labelled as the continuous-reward reference. `bon` (optional): Best-of-N measured on the task,
+    rows of `evaluate_best_of_n` with their "N", drawn on both panels at their exact KL. Legends sit
+    below the axes and the figure is cut to its contents, so no label is clipped. Written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,14 +252,22 @@ def plot_reward_vs_kl(rows: list[dict], out_png: Path, n: int) -> Path:
     kl, p_le, reward = ([r[key] for r in rows] for key in ("kl", "p_le", "reward"))
     big_n = np.linspace(1.0, 2.0 * n ** max(rounds, default=0), 400)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    left.plot(np.log(big_n) - (big_n - 1) / big_n, big_n / (big_n + 1), color="grey", lw=1.5,
-              label="Best-of-N (analytic)")
+    left.plot(np.log(big_n) - (big_n - 1) / big_n, big_n / (big_n + 1), color="grey", lw=1.5, ls="--",
+              label="Best-of-N, analytic (continuous reward only)")
     ref = [analytic_row(n**t) for t in rounds]
     left.scatter([a["kl"] for a in ref], [a["p_le"] for a in ref], marker="x", color="grey", zorder=3,
-                 label=f"N = {n}^t")
+                 label=f"analytic N = {n}^t")
     for a in ref:
         left.annotate(f"N={a['N']}", (a["kl"], a["p_le"]), textcoords="offset points", xytext=(4, -12),
                       fontsize=8, color="grey")
+    for ax, key in ((left, "p_le"), (right, "reward")):
+        if bon:
+            pts = sorted(bon, key=lambda b: b["kl"])
+            ax.plot([b["kl"] for b in pts], [b[key] for b in pts], "s-", color="tab:orange", ms=4,
+                    label="Best-of-N sampling, measured (exact KL, ties)")
+            for b in pts:
+                ax.annotate(f"N={b['N']}", (b["kl"], b[key]), textcoords="offset points", xytext=(4, -12),
+                            fontsize=8, color="tab:orange")
     for ax, ys, name in ((left, p_le, "mean quantile p_le"), (right, reward, "mean reward")):
         ax.plot(kl, ys, "o-", color="tab:blue", label="measured, round t")
         for t, x, y in zip(rounds, kl, ys):
@@ -190,13 +275,12 @@ def plot_reward_vs_kl(rows: list[dict], out_png: Path, n: int) -> Path:
         ax.set_xlabel(r"KL($\pi_t \,\|\, \pi_0$) (nats)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=8, ncol=1)  # one column: no overlap
     left.set_title(f"quantile vs KL: BOND rounds vs Best-of-{n}^t")
     right.set_title("reward vs KL")
-    fig.tight_layout()
     try:
         with atomic_path(out_png) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
     return out_png

@@ -128,6 +128,9 @@ class SequenceLogprobs(torch.nn.Module):
                                     use_cache=False)
         hidden = out.last_hidden_state.flatten(0, 1)[index]  # [M, H]: only positions predicting completions
         head = self.lm.get_output_embeddings()
+        if type(head) is not torch.nn.Linear:  # e.g. LoRA on lm_head: its delta would be skipped
+            raise ValueError(f"the chunked log-probs need a plain Linear LM head, not {type(head).__name__} "
+                             "(leave lm_head out of --lora targets)")
         softcap = getattr(self.lm.config, "final_logit_softcapping", None)
         token_logp = chunked_token_logprobs(hidden, targets, head.weight, head.bias, self.chunk, softcap)  # [M]
         return token_logp.new_zeros(n_rows).index_add(0, row, token_logp)  # [B]

@@ -117,3 +117,22 @@ def jbond_loss(logp_best: torch.Tensor, logp_policy: torch.Tensor, logp_anchor: 
     return {"loss": loss, "forward": forward.detach(), "backward": backward.detach(),
             "anchor_kl": anchor_kl.detach(), "backward_reward": reward.mean(), "log_ratio": log_ratio.mean(),
             "below_both": (r_policy < torch.minimum(r_anchor1, r_anchor2)).float().mean()}
+
+
+# ---- the baseline: REINFORCE with a KL penalty -----------------------------------------------
+def reinforce_kl_loss(reward: torch.Tensor, logp_policy: torch.Tensor, logp_ref: torch.Tensor,
+                      kl_coef: float) -> dict[str, torch.Tensor]:
+    """REINFORCE on r - kl_coef * KL(pi || ref) with a leave-one-out baseline per prompt.
+
+    All tensors are [B, S]: S >= 2 policy samples of each of B prompts. R = r - kl_coef *
+    (log pi - log ref) (stop-gradient), advantage A_i = R_i - mean_{j != i} R_j over the prompt's
+    other samples (unbiased: independent of y_i), loss = -mean(A * log pi). Its expected gradient
+    is -grad (E_pi[r] - kl_coef * KL(pi || ref))."""
+    if reward.dim() != 2 or reward.shape[1] < 2:
+        raise ValueError(f"reinforce_kl_loss needs [B, S >= 2] tensors, got {tuple(reward.shape)}")
+    log_ratio = (logp_policy - logp_ref).detach()  # [B, S]
+    shaped = (reward - kl_coef * log_ratio).detach()  # [B, S]
+    s = shaped.shape[1]
+    advantage = shaped - (shaped.sum(1, keepdim=True) - shaped) / (s - 1)  # [B, S] leave-one-out
+    loss = -(advantage * logp_policy).mean()
+    return {"loss": loss, "kl_penalty": log_ratio.mean(), "shaped_reward": shaped.mean()}

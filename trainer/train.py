@@ -26,6 +26,7 @@ the same numbers as padded rows and full logits, without the [tokens, vocab] ten
     bond train --store DIR --round R [--beta 0.5 --eta 0 ...]          # one process
     torchrun --nproc_per_node=2 -m trainer.train --store DIR --round R  # DDP (gloo on CPU, nccl on GPU)
     torchrun --nproc_per_node=8 -m trainer.train --store DIR --round R --fsdp true  # FSDP2 (trainer/fsdp.py)
+    bond train ... --lora r=16,alpha=32,targets=q_proj,v_proj          # adapters only (trainer/lora.py)
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from bond_data.backends.hf import prompt_token_ids
 from bond_data.config import add_config_flags
 from bond_data.device import resolve_device
 from bond_data.store import Store, StoreError
-from trainer import checkpoints, fsdp
+from trainer import checkpoints, fsdp, lora
 from trainer.anchor import ema_update
 from trainer.config import TrainConfig
 from trainer.logprobs import SequenceLogprobs
@@ -59,6 +60,8 @@ from trainer.metrics import MetricsLog
 def train(store_root: str, cfg: TrainConfig) -> dict:
     """Train on the round's dataset and register the next anchor; rank 0 holds the store's writer lease."""
     rank, world = _init_distributed(cfg.fsdp)
+    if cfg.fsdp and cfg.lora is not None:
+        raise ValueError("field 'fsdp': not with --lora (LoRA adapters are small: DDP replicates them)")
     if cfg.fsdp and not dist.is_initialized():
         raise ValueError("field 'fsdp': needs torch.distributed; run under torchrun "
                          "(python -m torch.distributed.run --nproc_per_node=N -m trainer.train ...; N = 1 works)")
@@ -86,14 +89,15 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
         raise ValueError(f"field 'fsdp': {resume} was written {'with' if sharded_resume else 'without'} --fsdp; "
                          "resume with the same setting")
     anchor = store.anchor(cfg.round)
-    start = anchor["anchor_path"] if resume is None or sharded_resume else resume
-    policy, tokenizer = checkpoints.load_policy(start, device, cfg.attn_implementation)
+    policy, tokenizer = _load_trainable(anchor["anchor_path"], None if sharded_resume else resume, cfg, device)
+    precision_policy.fp32_head(policy)  # the chunked head computes in fp32 anyway; this covers head.forward
     model = _wrap(policy, cfg, device, world)  # SequenceLogprobs, under FSDP2 / DDP when distributed
-    ema = fsdp.anchor_copy(policy, getattr(torch, cfg.anchor_dtype)) if cfg.eta > 0 else None
+    ema = _anchor_copy(policy, getattr(torch, cfg.anchor_dtype)) if cfg.eta > 0 else None
 
     rows = _load_rows(store.root / dataset["path"], tokenizer)
     plan = _batch_plan(rows, cfg.micro_batch_size, cfg.grad_accum, cfg.epochs, cfg.seed, world)  # [step][rank][micro]
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainable = [p for p in policy.parameters() if p.requires_grad]  # all, or the LoRA adapters
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     step = _restore(resume, policy, opt, sched, ema, sharded_resume) if resume else 0
 
@@ -106,13 +110,13 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
         batch = [[rows[i] for i in micro] for micro in plan[step][rank]]
         metrics = train_step(model, batch, cfg.beta, cfg.gamma, global_rows, world, device, precision,
                              packing=cfg.packing, pack_length=cfg.pack_length)  # forward + backward
-        metrics["grad_norm"] = _clip_gradients(policy, cfg.max_grad_norm)
+        metrics["grad_norm"] = _clip_gradients(trainable, cfg.max_grad_norm)
         fed = {k: fed[k] + metrics[k] for k in fed}
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
-            ema_update(ema, policy.state_dict(), cfg.eta)
+            ema_update(ema, _anchor_state(policy), cfg.eta)
         step += 1
         log.write(step, metrics, time.perf_counter() - t0, sched.get_last_lr()[0])
         if step % cfg.checkpoint_every == 0 or step == len(plan):
@@ -149,6 +153,28 @@ def _init_distributed(fsdp: bool) -> tuple[int, int]:
     if (world > 1 or (fsdp and "MASTER_ADDR" in os.environ)) and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _load_trainable(anchor_dir: str, resume: Path | None, cfg: TrainConfig, device: torch.device):
+    """(policy, tokenizer): the whole model from the last checkpoint or the anchor, or with --lora
+    the anchor as a frozen base with adapters (trainer/lora.py)."""
+    if cfg.lora is not None:
+        return lora.load_lora_policy(anchor_dir, resume, lora.parse_lora(cfg.lora), cfg.seed, device)
+    if resume is not None and (resume / lora.ADAPTER_FILE).is_file():
+        raise ValueError(f"{resume}: a LoRA checkpoint; resume it with the same --lora (or delete it)")
+    return checkpoints.load_policy(resume or anchor_dir, device, cfg.attn_implementation)
+
+
+def _anchor_copy(policy, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The EMA anchor's own copy of `_anchor_state` in `dtype` (sharded like the policy under FSDP)."""
+    if lora.is_lora(policy):
+        return {k: v.detach().to(dtype).clone() for k, v in lora.adapter_state(policy).items()}
+    return fsdp.anchor_copy(policy, dtype)
+
+
+def _anchor_state(policy) -> dict[str, torch.Tensor]:
+    """What the EMA anchor averages: the whole state, or only the adapters under LoRA."""
+    return lora.adapter_state(policy) if lora.is_lora(policy) else policy.state_dict()
 
 
 def _dataset_record(store: Store, cfg: TrainConfig) -> dict:
@@ -199,9 +225,9 @@ def _batch_plan(rows: list[dict], micro_batch_size: int, grad_accum: int, epochs
 
 
 # ---- one optimizer step (forward + backward: trainer/step.py) -------------------------------
-def _clip_gradients(policy, max_norm: float) -> float:
+def _clip_gradients(params: list, max_norm: float) -> float:
     """Global gradient-norm clip; the norm before clipping (a DTensor under FSDP: gathered)."""
-    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
@@ -239,9 +265,13 @@ def _final_model(policy, ema, cfg: TrainConfig, anchor_path: str, rank: int):
     """The next anchor as a plain model on rank 0 (None elsewhere): the EMA (eta > 0) or the policy.
     Under FSDP the full weights are gathered into a fresh unsharded copy of the architecture."""
     if not cfg.fsdp:
-        if rank == 0 and ema is not None:
+        if rank != 0:
+            return None
+        if lora.is_lora(policy):  # the next anchor is a plain model: W + s * B @ A merged in
+            return lora.merged_model(policy, ema)
+        if ema is not None:
             policy.load_state_dict(ema)
-        return policy if rank == 0 else None
+        return policy
     state = fsdp.full_state(policy, ema)  # collective
     if rank != 0:
         return None

@@ -23,7 +23,8 @@ def load_backend(name: str, model_dir: str, model_hash: str, batch_size: int, de
             if name == "transformers":
                 from bond_data.backends.hf import TransformersBackend
 
-                _LOADED[key] = TransformersBackend.from_pretrained(model_dir, batch_size=batch_size, device=device)
+                _LOADED[key] = TransformersBackend.from_pretrained(model_dir, batch_size=batch_size, device=device,
+                                                                   **(engine_args or {}))  # {"decoding": ...}
             elif name == "vllm":
                 from bond_data.backends.vllm import VLLMBackend
 

@@ -4,6 +4,15 @@ Rows are (prompt, sample) pairs sorted by prompt length and cut into micro-batch
 `batch_size`, left-padded, and decoded with `model.generate` (KV cache). Sampling is done by
 `SeededGumbelSampler` inside greedy decoding, so each row draws its noise from its own seed.
 
+A completion ends at the first of the tokenizer's EOS and the checkpoint's generation-config EOS
+ids (chat models end a turn with their own token: `<end_of_turn>`, `<|eot_id|>`, `<|end|>`).
+
+`decoding` picks transformers' KV-cache path: `dynamic` (the default; grows per step), `static`
+(preallocated to prompt + max_new_tokens, fixed shapes) or `static-compiled` (static plus
+transformers' automatic `torch.compile` of the decoding step, CUDA only: the fastest path for many
+rows on a GPU, `bench/gpu_generate.py`). Every path samples the same tokens: the noise is a function
+of (seed, step, token) only.
+
 Precision (`bond_data.precision`): fp32 weights always; under `bf16-autocast` decoding runs in
 one autocast region (its cache casts each weight to bf16 once per batch, not per step) and log A is
 then recomputed by one teacher-forced pass shaped like the trainer's, so that the trainer's
@@ -21,6 +30,7 @@ from bond_data import precision as precision_policy
 from bond_data.backends.base import Completion, PromptJob, Sampling, prompt_token_ids  # the trainer imports the last here
 from bond_data.device import resolve_device
 
+DECODINGS = ("dynamic", "static", "static-compiled")
 _MASK64 = (1 << 64) - 1
 
 
@@ -104,29 +114,55 @@ def _top_p_renormalised(logq: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.log_softmax(logq.masked_fill(drop, float("-inf")), dim=-1)
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS, then every EOS id of the checkpoint's generation config, once each."""
+    listed = getattr(model.generation_config, "eos_token_id", None)
+    listed = listed if isinstance(listed, list) else [listed]
+    return list(dict.fromkeys(t for t in [tokenizer.eos_token_id, *listed] if t is not None))
+
+
+def check_decoding(model, device: torch.device, decoding: str) -> dict:
+    """The GenerationConfig keywords of a decoding path, or ValueError (one line) where it cannot run."""
+    if decoding not in DECODINGS:
+        raise ValueError(f"decoding {decoding!r}: use one of {', '.join(DECODINGS)}")
+    if decoding == "dynamic":
+        return {}
+    if not model._supports_default_dynamic_cache():
+        raise ValueError(f"decoding {decoding}: {type(model).__name__} has no transformers KV cache; use dynamic")
+    if decoding == "static":
+        return {"cache_implementation": "static", "disable_compile": True}
+    if device.type != "cuda":
+        raise ValueError(f"decoding static-compiled needs a CUDA device (got {device.type}); use static or dynamic")
+    if not getattr(model, "_can_compile_fullgraph", False):
+        raise ValueError(f"decoding static-compiled: {type(model).__name__} cannot be compiled whole; use static")
+    return {"cache_implementation": "static"}  # generate() compiles the decoding step itself on CUDA
+
+
 class TransformersBackend:
     """Seeded, batched sampling from a causal LM in memory (`from_pretrained` loads a folder)."""
 
     name = "transformers"
 
-    def __init__(self, model, tokenizer, device: torch.device, batch_size: int = 64):
+    def __init__(self, model, tokenizer, device: torch.device, batch_size: int = 64, decoding: str = "dynamic"):
         self.model, self.tokenizer, self.device, self.batch_size = model, tokenizer, device, batch_size
         precision_policy.fp32_head(self.model)  # logits in fp32 under any policy (a no-op in fp32)
+        self.cache = check_decoding(model, device, decoding)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.stop_ids = stop_token_ids(model, tokenizer)
         # Sampling is ours (SeededGumbelSampler): drop the checkpoint's sampling defaults, which
         # generate() would otherwise merge into our greedy config. A caller that saves the model
         # later restores its own (trainer.online does).
-        self.model.generation_config = GenerationConfig(
-            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+        self.model.generation_config = GenerationConfig(eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str, batch_size: int = 64, device: str | None = None) -> TransformersBackend:
+    def from_pretrained(cls, model_dir: str, batch_size: int = 64, device: str | None = None,
+                        decoding: str = "dynamic") -> TransformersBackend:
         dev = resolve_device(device)
         # fp32 weights under every policy: the trainer's are fp32 too (bf16-autocast casts in matmuls)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev).eval()
-        return cls(model, AutoTokenizer.from_pretrained(model_dir), dev, batch_size)
+        return cls(model, AutoTokenizer.from_pretrained(model_dir), dev, batch_size, decoding)
 
     def precision(self, sampling: Sampling) -> str:
         return precision_policy.resolve(sampling.precision, self.device)
@@ -159,8 +195,10 @@ class TransformersBackend:
         sampler = SeededGumbelSampler([r[3] for r in batch], sampling, prompt_len)
         config = GenerationConfig(
             do_sample=False, max_new_tokens=sampling.max_new_tokens, num_beams=1,
-            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id, **self.cache,
         )
+        if self.cache:  # a static cache sized in steps of 128: later batches reuse it (and its compiled graph)
+            config.max_cache_len = -(-(prompt_len + sampling.max_new_tokens) // 128) * 128
         seqs = self.model.generate(**enc, generation_config=config, logits_processor=LogitsProcessorList([sampler]))
         new = seqs[:, prompt_len:]  # [B, T]
         anchor_logp, sample_logp = sampler.finish(new[:, -1])
@@ -190,12 +228,11 @@ class TransformersBackend:
                 for c, lp in zip(completions, logp)]
 
     def _completion(self, tokens: torch.Tensor, anchor_logp: torch.Tensor, sample_logp: torch.Tensor) -> Completion:
-        """Cut after the first EOS (generate pads finished rows) and sum the kept log-probs."""
+        """Cut after the first stop token (generate pads finished rows) and sum the kept log-probs."""
         ids = tokens.tolist()
-        eos = self.tokenizer.eos_token_id
-        stop = ids.index(eos) + 1 if eos in ids else len(ids)
+        stop = next((i + 1 for i, t in enumerate(ids) if t in self.stop_ids), len(ids))
         kept = ids[:stop]
-        finish = "stop" if kept and kept[-1] == eos else "length"
+        finish = "stop" if kept and kept[-1] in self.stop_ids else "length"
         text_ids = kept[:-1] if finish == "stop" else kept
         return Completion(
             text=self.tokenizer.decode(text_ids, skip_special_tokens=True),

@@ -11,9 +11,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from testutil import REWARD, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from testutil import REWARD, write_jsonl
+from bond_data import bon
 from trainer import evaluate
 
 WORDS = ["dbca", "hello", "kite", "lamp", "qwerty"]
@@ -157,7 +158,8 @@ def test_analytic_row():
 def test_plot_writes_a_png(tmp_path):
     rows = [{"round": t, "reward": 0.7 + 0.05 * t, "p_le": 0.5 + 0.1 * t, "log_p_le": -1 / 2**t,
              "kl": 0.2 * t, "analytic": evaluate.analytic_row(2**t)} for t in range(3)]
-    out = evaluate.plot_reward_vs_kl(rows, tmp_path / "plots" / "rounds.png", n=2)
+    bon_rows = [{"N": 2**t, "kl": 0.19 * t, "p_le": 0.5 + 0.12 * t, "reward": 0.7 + 0.06 * t} for t in range(3)]
+    out = evaluate.plot_reward_vs_kl(rows, tmp_path / "plots" / "rounds.png", n=2, bon=bon_rows)
     assert out == tmp_path / "plots" / "rounds.png"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     assert [p.name for p in out.parent.iterdir()] == ["rounds.png"]  # the temp file was renamed
@@ -168,4 +170,70 @@ def test_best_of_n_sampling_keeps_the_best_of_each_group(pool, untrained_model):
     four = evaluate.evaluate_best_of_n(str(untrained_model), pool, REWARD, n=4, samples_per_prompt=16)
     assert one["samples"] == 16 * len(WORDS) and four["samples"] == 4 * 16 * len(WORDS)
     assert four["p_le"] > one["p_le"] and four["reward"] > one["reward"]
-    assert four["kl"] == pytest.approx(np.log(4) - 3 / 4) and len(four["quantiles"]) == 16 * len(WORDS)
+    assert four["kl_analytic"] == pytest.approx(np.log(4) - 3 / 4) and len(four["quantiles"]) == 16 * len(WORDS)
+    assert four["kl"] == pytest.approx(evaluate.bon_kl_on_pool(evaluate._read_pool(pool), 4))
+    assert 0 < four["kl"] < four["kl_analytic"]  # this reward has ties: below the continuous value
+    assert one["kl"] == pytest.approx(0.0, abs=1e-12)
+
+
+# ---- Best-of-N measured on the task: exact KL with ties, KS ----------------------------------
+def enumerate_bon(anchor: list[float], reward: list[float], n: int) -> list[float]:
+    """Best-of-n by brute force: every n-tuple of draws, the first maximum kept."""
+    import itertools
+
+    out = [0.0] * len(anchor)
+    for draws in itertools.product(range(len(anchor)), repeat=n):
+        prob = math.prod(anchor[y] for y in draws)
+        best = max(reward[y] for y in draws)
+        out[next(y for y in draws if reward[y] == best)] += prob
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_bon_kl_exact_matches_enumeration_with_ties(n):
+    counts = [2, 1, 3, 1, 3, 2]  # pi_0(y) = count / 12; rewards with ties at 0.1 and 0.5
+    reward = [0.1, 0.5, 0.5, 0.9, 0.1, 0.3]
+    anchor = [c / sum(counts) for c in counts]
+    bon_probs = enumerate_bon(anchor, reward, n)
+    brute = sum(p * math.log(p / a) for p, a in zip(bon_probs, anchor) if p > 0)
+    pool = np.repeat(reward, counts)  # a pool distributed exactly as pi_0's rewards
+    assert evaluate.bon_kl_exact(np.random.default_rng(0).permutation(pool), n) == pytest.approx(brute, abs=1e-12)
+    if n > 1:
+        assert brute < math.log(n) - (n - 1) / n  # ties: below the continuous value
+
+
+def test_bon_kl_exact_without_ties_is_the_analytic_value():
+    rewards = np.random.default_rng(1).random(4096)
+    for n in (2, 8):
+        assert evaluate.bon_kl_exact(rewards, n) == pytest.approx(math.log(n) - (n - 1) / n, abs=1e-4)
+    pool = {"a": rewards[:2048], "b": np.repeat([0.0, 1.0], 1024)}  # prompt b: a coin, Best-of-8 ~ always 1
+    want = (evaluate.bon_kl_exact(rewards[:2048], 8) + (1 - 0.5**8) * math.log((1 - 0.5**8) / 0.5)
+            + 0.5**8 * math.log(0.5**8 / 0.5)) / 2
+    assert evaluate.bon_kl_on_pool(pool, 8) == pytest.approx(want)
+
+
+def test_ks_distance_matches_a_naive_sup_with_ties():
+    rng = np.random.default_rng(2)
+    a, b = rng.integers(0, 6, 40).astype(float), rng.integers(1, 8, 25).astype(float)
+    points = sorted(set(a) | set(b))
+    naive = max(abs(sum(x <= t for x in a) / len(a) - sum(x <= t for x in b) / len(b)) for t in points)
+    assert evaluate.ks_distance(a, b) == pytest.approx(naive)
+    assert evaluate.ks_distance(a, a.copy()) == 0.0
+    assert evaluate.ks_distance([0.0], [1.0]) == 1.0
+
+
+def test_ks_noise_matches_monte_carlo():
+    """The mean KS distance between two samples of one continuous law, by simulation."""
+    rng = np.random.default_rng(3)
+    sims = [evaluate.ks_distance(rng.random(400), rng.random(300)) for _ in range(400)]
+    assert np.mean(sims) == pytest.approx(evaluate.ks_noise(400, 300), rel=0.08)
+    one = [bon.ks_distance_to_beta(rng.random(500), 1) for _ in range(400)]
+    assert np.mean(one) == pytest.approx(evaluate.ks_noise(500), rel=0.08)
+
+
+def test_best_of_several_n_from_one_draw(pool, untrained_model):
+    both = evaluate.evaluate_best_of_ns(str(untrained_model), pool, REWARD, [2, 4], samples_per_prompt=4)
+    alone = evaluate.evaluate_best_of_n(str(untrained_model), pool, REWARD, 4, samples_per_prompt=4)
+    assert both[4] == alone  # same draw (the largest n's), same figures
+    assert both[2]["samples"] == 2 * 4 * len(WORDS) and len(both[2]["quantiles"]) == 4 * len(WORDS)
+    assert both[2]["kl"] == pytest.approx(evaluate.bon_kl_on_pool(evaluate._read_pool(pool), 2))

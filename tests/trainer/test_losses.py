@@ -199,3 +199,42 @@ def test_jbond_loss_gradient_is_the_weighted_sum_of_its_terms(beta, gamma):
         assert abs(float(pol.grad[i]) - want) < 1e-5
     assert abs(float(terms["log_ratio"]) - float(lr.mean())) < 1e-6
     assert abs(float(terms["below_both"]) - float((r_pol < torch.minimum(r_a1, r_a2)).float().mean())) < 1e-6
+
+
+# ---- the baseline: REINFORCE with a KL penalty -----------------------------------------------
+def test_reinforce_kl_loss_gradient_matches_a_naive_loop():
+    g = torch.Generator().manual_seed(3)
+    logp = torch.randn(4, 3, generator=g, dtype=torch.float64).requires_grad_()
+    ref, reward = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.rand(4, 3, generator=g, dtype=torch.float64)
+    c = 0.3
+    terms = losses.reinforce_kl_loss(reward, logp, ref, c)
+    terms["loss"].backward()
+    for b in range(4):
+        shaped = [float(reward[b, i]) - c * (float(logp.detach()[b, i]) - float(ref[b, i])) for i in range(3)]
+        for i in range(3):
+            others = [shaped[j] for j in range(3) if j != i]
+            advantage = shaped[i] - sum(others) / len(others)
+            assert float(logp.grad[b, i]) == pytest.approx(-advantage / 12, abs=1e-12)
+    assert float(terms["kl_penalty"]) == pytest.approx(float((logp.detach() - ref).mean()))
+    with pytest.raises(ValueError, match="S >= 2"):
+        losses.reinforce_kl_loss(reward[:, :1], logp[:, :1], ref[:, :1], c)
+
+
+def test_reinforce_kl_expected_gradient_is_the_gradient_of_reward_minus_kl():
+    """Enumerate every pair of samples of a categorical policy: the probability-weighted surrogate
+    gradient equals the exact gradient of -(E_pi[r] - c KL(pi || ref))."""
+    c = 0.5
+    reward = torch.tensor([0.0, 1.0, 0.3, 0.7], dtype=torch.float64)
+    ref = torch.tensor([0.4, 0.1, 0.3, 0.2], dtype=torch.float64)
+    theta = torch.tensor([0.2, -0.1, 0.5, 0.0], dtype=torch.float64, requires_grad=True)
+    pi = torch.softmax(theta, 0)
+    (exact,) = torch.autograd.grad(-((pi * reward).sum() - c * (pi * (pi / ref).log()).sum()), theta)
+    expected = torch.zeros(4, dtype=torch.float64)
+    for y1 in range(4):
+        for y2 in range(4):
+            logp = torch.log_softmax(theta, 0)
+            ys = torch.tensor([[y1, y2]])
+            terms = losses.reinforce_kl_loss(reward[ys], logp[ys], ref.log()[ys], c)
+            (grad,) = torch.autograd.grad(terms["loss"], theta)
+            expected += float(pi[y1].detach() * pi[y2].detach()) * grad
+    torch.testing.assert_close(expected, exact)

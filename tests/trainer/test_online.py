@@ -96,3 +96,54 @@ def test_online_jbond_climbs_the_reward(untrained_model, tmp_path):
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.5, f"mean reward of policy samples: first 5 steps {first:.2f}, last 5 {last:.2f}"
     assert out["reward_last"] == pytest.approx(last)
+
+
+# ---- checkpoint / resume, REINFORCE ----------------------------------------------------------
+class Crash(Exception):
+    pass
+
+
+def test_kill_and_resume_ends_where_an_uninterrupted_run_ends(untrained_model, tmp_path, monkeypatch):
+    from trainer import online
+
+    cfg = _small(steps=4, eta=0.3, checkpoint_every=2)
+    whole = train_online(str(untrained_model), PROMPTS, "rewards_for_tests:letter_count", tmp_path / "whole", cfg,
+                         metrics_path=tmp_path / "whole.jsonl")
+    real_step = online._step
+
+    def crash_on_step_3(run, prompts, batch, step, c):
+        if step == 2:  # 0-based: steps 1 and 2 done and checkpointed, step 3 dies halfway
+            raise Crash
+        return real_step(run, prompts, batch, step, c)
+
+    monkeypatch.setattr(online, "_step", crash_on_step_3)
+    with pytest.raises(Crash):
+        train_online(str(untrained_model), PROMPTS, "rewards_for_tests:letter_count", tmp_path / "cut", cfg,
+                     metrics_path=tmp_path / "cut.jsonl")
+    assert [p.name for p in (tmp_path / "cut-steps").iterdir()] == ["step-2"]
+    monkeypatch.setattr(online, "_step", real_step)
+    resumed = train_online(str(untrained_model), PROMPTS, "rewards_for_tests:letter_count", tmp_path / "cut", cfg,
+                           metrics_path=tmp_path / "cut.jsonl")
+    for part in ("", "anchor"):
+        a, b = _weights(tmp_path / "whole" / part), _weights(tmp_path / "cut" / part)
+        assert all(torch.equal(a[k], b[k]) for k in a), part or "policy"
+    assert resumed["samples_generated"] == whole["samples_generated"] and resumed["loss"] == whole["loss"]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert sorted(p.name for p in (tmp_path / "cut-steps").iterdir()) == ["step-2", "step-4"]  # keep_checkpoints=2
+    with pytest.raises(ValueError, match="lr=0.01"):  # another config does not continue this run
+        train_online(str(untrained_model), PROMPTS, "rewards_for_tests:letter_count", tmp_path / "cut",
+                     _small(steps=6, eta=0.3, checkpoint_every=2, lr=1e-3))
+
+
+def test_reinforce_baseline_keeps_its_reference_and_spends_the_same_budget(untrained_model, tmp_path):
+    cfg = _small(algorithm="reinforce", kl_coef=0.1, steps=2, eta=0.5, keep_checkpoints=0, checkpoint_every=1)
+    out = train_online(str(untrained_model), PROMPTS, "rewards_for_tests:letter_count", tmp_path / "run", cfg,
+                       metrics_path=tmp_path / "metrics.jsonl")
+    assert out["samples_generated"] == 2 * 4 * 3  # J-BOND's 1 + 2 samples per prompt, all from the policy
+    start, policy, ref = (_weights(f) for f in (untrained_model, tmp_path / "run", tmp_path / "run" / "anchor"))
+    assert all(torch.equal(start[k], ref[k]) for k in start)  # no EMA: the KL is to the starting policy
+    assert any(not torch.equal(start[k], policy[k]) for k in start)
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert abs(log[0]["kl_penalty"]) < 1e-4 and "shaped_reward" in log[0]
+    assert sorted(p.name for p in (tmp_path / "run-steps").iterdir()) == ["step-1", "step-2"]
