@@ -51,7 +51,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return next((p for p in steps if is_complete(p)), None)
 
 
-def load_policy(folder, device: str | torch.device | None = None, attn_implementation: str = "sdpa"):
+def load_policy(folder, device: str | torch.device | None = None, attn_implementation: str | None = None):
     """(model in fp32 and train mode, tokenizer) from a transformers folder: what the trainers start from."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
