@@ -59,7 +59,7 @@ def generate_flow(store: str, cfg: dict) -> dict:
     result = stages.generate_round(Store(store), c.round, c.k, Sampling(c.temperature, c.top_p, c.max_new_tokens),
                                    c.shard_prompts, c.backend, c.batch_size, c.device, engine_args,
                                    run_shards=prefect_shards)
-    print(f"round {c.round}: generated {result['shards_generated']} shard(s); k = {c.k}")
+    print(stages.generate_summary(result))
     return result
 
 
@@ -68,7 +68,7 @@ def score_flow(store: str, cfg: dict) -> dict:
     c = ScoreConfig.model_validate(cfg)
     result = stages.score_round(Store(store), c.round, c.rm, c.rm_id, c.batch_size, c.device,
                                 run_shards=prefect_shards)
-    print(f"round {c.round}: scored {result['shards_scored']} shard(s) with {result['rm_id']}")
+    print(stages.score_summary(result))
     return result
 
 

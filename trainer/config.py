@@ -45,4 +45,17 @@ class OnlineConfig(Config):
     device: str | None = Field(None, pattern=DEVICE_PATTERN, description="cpu, cuda, cuda:N or mps; none picks cuda when available (bf16 autocast on cuda)")
 
 
+class EvalConfig(Config):
+    """`bond rounds`' evaluation of each new anchor against pi_0 (round 0's anchor), see trainer/evaluate.py."""
+
+    enabled: bool = Field(True, description="false skips evaluation: the round reports hold data and training only")
+    prompts: str | None = Field(None, description="held-out prompts (JSONL, one {\"prompt\": ...} per line); none "
+                                "takes the built-in task's held-out file when the reward is a built-in task's, "
+                                "else evaluation is skipped")
+    rm: str | None = Field(None, description="reward model spec to evaluate with; none takes the score stage's")
+    pool_k: int = Field(64, ge=1, description="samples per held-out prompt from pi_0, drawn once: the quantiles' reference")
+    samples_per_prompt: int = Field(8, ge=1, description="samples per held-out prompt from each anchor")
+    max_new_tokens: int = Field(16, ge=1, description="completion length cap of the pool's and the anchors' samples")
+
+
 TINY_TRAIN = Path(__file__).resolve().parent / "configs" / "tiny.yaml"  # the demo's and the benchmark's settings

@@ -196,7 +196,7 @@ def plot_reward_vs_kl(rows: list[dict], out_png: Path, n: int) -> Path:
     fig.tight_layout()
     try:
         with atomic_path(out_png) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
     return out_png

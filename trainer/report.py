@@ -1,0 +1,307 @@
+"""Round reports: what each round of iterative BOND did, and how far its anchor got towards Best-of-N.
+
+    reports/round=R/report.md          the round: data, dataset, training, evaluation (Markdown)
+    reports/round=R/evaluation.csv     the evaluation table: anchors 0..R+1 against pi_0, beside analytic Best-of-N
+    reports/round=R/reward_vs_kl.png   quantile and reward against KL(pi_t || pi_0) (trainer.evaluate's plot)
+    reports/round=R/training_loss.png  the loss terms per optimizer step, from the trainer's metrics.jsonl
+    reports/index.md, index.html       every round on one page, linking each round's plots
+
+Two steps, kept apart so that a report can be rebuilt without a model:
+- `evaluate_anchors` is the expensive one (samples and scores, trainer/evaluate.py); each anchor's
+  result is kept in `eval/anchor=T.json`, keyed by the anchor's hash, the evaluation settings and
+  the pi_0 pool's record, and reused while they match;
+- `write_round_report` and `write_store_report` only read the store (catalog, dataset cards,
+  metrics.jsonl, the kept evaluations) and write every file atomically; the same store gives the
+  same bytes, so `bond report` rewrites exactly what `bond rounds` wrote.
+A round R is reported once its anchor R+1 is registered; an anchor with no kept evaluation (no
+held-out prompts configured) shows as "not evaluated".
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from bond_data.build import catalog_record
+from bond_data.files import atomic_path, write_text_atomic
+from bond_data.store import Store, StoreError
+from trainer import evaluate
+
+REPORTS, EVAL = "reports", "eval"
+TABLE_COLUMNS = ["round", "N", "reward", "p_le", "bon_p_le", "log_p_le", "bon_log_p_le", "kl", "bon_kl", "samples"]
+
+
+# ---- evaluation (expensive; kept per anchor) ---------------------------------------------------
+def evaluation_file(root: Path, t: int) -> Path:
+    return Path(root) / EVAL / f"anchor={t}.json"
+
+
+def evaluate_anchors(store: Store, up_to: int, prompts: str, reward: str, pool_k: int = 64,
+                     samples_per_prompt: int = 8, max_new_tokens: int = 16) -> list[dict]:
+    """Each anchor 0..up_to against pi_0 (round 0's anchor) on the held-out prompts, reusing every
+    kept result whose anchor, settings and pool still match; the evaluations, in round order."""
+    pi0 = store.anchor(0)["anchor_path"]
+    pool = evaluate.ensure_eval_pool(store.root / EVAL, pi0, prompts, reward, k=pool_k, max_new_tokens=max_new_tokens)
+    pool_record = json.loads((pool.parent / evaluate.META_FILE).read_text())
+    out = []
+    for t in range(up_to + 1):
+        anchor = store.anchor(t)
+        key = {"anchor_hash": anchor["anchor_hash"], "pool": pool_record, "samples_per_prompt": samples_per_prompt,
+               "max_new_tokens": max_new_tokens, "prompts": Path(prompts).name}
+        path = evaluation_file(store.root, t)
+        kept = json.loads(path.read_text()) if path.is_file() else None
+        if kept is None or kept["key"] != key:
+            m = evaluate.evaluate_policy(anchor["anchor_path"], pi0, pool, reward, samples_per_prompt, max_new_tokens)
+            kept = {"round": t, "key": key, **{k: m[k] for k in ("reward", "p_le", "log_p_le", "kl", "samples")}}
+            write_text_atomic(json.dumps(kept, indent=1, sort_keys=True) + "\n", path)
+        out.append(kept)
+    return out
+
+
+def kept_evaluations(store: Store, up_to: int) -> dict[int, dict]:
+    """Kept evaluations of anchors 0..up_to measured against the store's current pi_0 pool."""
+    meta = store.root / EVAL / evaluate.META_FILE
+    if not meta.is_file():
+        return {}
+    pool_record = json.loads(meta.read_text())
+    found = {}
+    for t in range(up_to + 1):
+        path = evaluation_file(store.root, t)
+        if path.is_file():
+            kept = json.loads(path.read_text())
+            if kept["key"]["pool"] == pool_record:
+                found[t] = kept
+    return found
+
+
+# ---- what a round report shows -----------------------------------------------------------------
+def _trained_rounds(store: Store) -> list[int]:
+    registered = {a["round"] for a in store.anchors()}
+    return sorted(t for t in registered if t + 1 in registered)
+
+
+def _dataset(store: Store, anchors: dict[int, dict], R: int) -> dict | None:
+    dataset_id = anchors[R + 1]["config"].get("dataset_id")
+    row = store.dataset_row(dataset_id) if dataset_id else None
+    return catalog_record(row) if row else None
+
+
+def evaluation_rows(store: Store, R: int) -> list[dict]:
+    """The table of round R: each evaluated anchor 0..R+1 with N (the product of the n of the rounds
+    that led to it) and the analytic Best-of-N row for that N."""
+    anchors = {a["round"]: a for a in store.anchors()}
+    evals = kept_evaluations(store, R + 1)
+    rows, N = [], 1
+    for t in range(R + 2):
+        if t > 0:
+            dataset = _dataset(store, anchors, t - 1)
+            N *= dataset["n"] if dataset else 1
+        if t in evals:
+            e, a = evals[t], evaluate.analytic_row(N)
+            rows.append({"round": t, "N": N, "reward": e["reward"], "p_le": e["p_le"], "bon_p_le": a["p_le"],
+                         "log_p_le": e["log_p_le"], "bon_log_p_le": a["log_p_le"], "kl": e["kl"], "bon_kl": a["kl"],
+                         "samples": e["samples"], "analytic": a})
+    return rows
+
+
+def _metrics(store: Store, R: int, dataset_id: str | None) -> list[dict]:
+    path = store.root / "train" / f"round={R}" / str(dataset_id) / "metrics.jsonl"
+    if not dataset_id or not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _table_md(rows: list[dict]) -> str:
+    head = "| anchor | N | reward | p_le | BoN p_le | log p_le | BoN log p_le | KL(pi_t‖pi_0) | BoN KL |\n"
+    head += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    return head + "".join(
+        f"| {r['round']} | {r['N']} | {r['reward']:.4f} | {r['p_le']:.3f} | {r['bon_p_le']:.3f} | {r['log_p_le']:.3f} "
+        f"| {r['bon_log_p_le']:.3f} | {r['kl']:.3f} | {r['bon_kl']:.3f} |\n" for r in rows)
+
+
+def _kv_md(pairs: list[tuple[str, str]]) -> str:
+    return "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in pairs)
+
+
+def _data_md(store: Store, R: int, dataset: dict | None, h: str) -> str:
+    gen = store.generation_summary(R)
+    pairs = [("candidates", f"{gen['candidates']}"), ("tokens", f"{gen['tokens']} ({gen['stop']} ended at end of "
+                                                                  f"sequence, {gen['length']} cut at max_new_tokens)")]
+    for rm in store.reward_model_ids(R):
+        r = store.reward_summary(R, rm)
+        pairs.append((f"rewards `{rm}`", f"mean {r['mean']:.4f}, std {r['std']:.4f}, min {r['min']:.4f}, max {r['max']:.4f}"))
+    if dataset:
+        c = dataset["card"]
+        pairs += [("dataset", f"`{dataset['dataset_id']}`"), ("prompts, k", f"{c['prompts']}, {c['k_min']} to {c['k_max']}"),
+                  ("Best-of-n, weighting, target", f"{dataset['n']}, {dataset['weighting']}, {dataset['target']}"),
+                  ("tie rate", f"{c['tie_rate']:.3f}"), ("ESS per prompt", f"{c['ess_mean']:.2f} of {c['k_max']}"),
+                  ("reward: one sample -> Best-of-n", f"{c['mean_reward']:.4f} -> {c['bon_reward']:.4f}")]
+    return f"{h} Data\n\n" + _kv_md(pairs)
+
+
+def _training_md(config: dict, metrics: list[dict], prefix: str, h: str) -> str:
+    text = f"{h} Training\n\n"
+    settings = ", ".join(f"{k} {config[k]}" for k in ("beta", "gamma", "eta", "lr", "epochs", "micro_batch_size")
+                         if k in config)
+    if settings:
+        text += f"Settings: {settings}.\n\n"
+    if not metrics:
+        return text + "No metrics.jsonl for this round (trained elsewhere, or before metrics were kept).\n"
+    first, last = metrics[0], metrics[-1]
+    pairs = [(term, f"{first[term]:.4f} -> {last[term]:.4f}") for term in ("loss", "forward", "backward", "anchor_kl")
+             if term in last]
+    pairs.append(("mean log pi/A (last step)", f"{last['log_ratio']:.4f}"))
+    text += f"{len(metrics)} optimizer steps; first -> last step:\n\n" + _kv_md(pairs)
+    return text + f"\n![training loss]({prefix}training_loss.png)\n"
+
+
+def _evaluation_md(rows: list[dict], key: dict | None, prefix: str, h: str) -> str:
+    text = f"{h} Evaluation\n\n"
+    if not rows:
+        return text + ("Not evaluated: no held-out prompts configured (`evaluate.prompts` in the `bond rounds` "
+                       "config).\n")
+    pool = key["pool"]
+    text += (f"Each anchor sampled {key['samples_per_prompt']} times per held-out prompt (`{key['prompts']}`), "
+             f"against {pool['k']} samples per prompt from pi_0, reward `{pool['reward_spec']}`, up to "
+             f"{key['max_new_tokens']} new tokens. `BoN` columns: analytic Best-of-N of pi_0 for N = the product of "
+             f"the rounds' n (continuous rewards; ties push measured p_le higher).\n\n")
+    return text + _table_md(rows) + f"\n![quantile and reward vs KL]({prefix}reward_vs_kl.png)\n"
+
+
+def round_report_markdown(store: Store, R: int, prefix: str = "", level: int = 1) -> str:
+    """Round R's report as Markdown (what `report.md` holds, and what a Prefect artifact can show);
+    `prefix` goes before the plots' file names, `level` is the title's heading level."""
+    store = Store(store) if not isinstance(store, Store) else store
+    anchors = {a["round"]: a for a in store.anchors()}
+    if R not in anchors or R + 1 not in anchors:
+        raise StoreError(f"round {R} has not been trained (no anchor {R + 1}): nothing to report")
+    dataset = _dataset(store, anchors, R)
+    rows = evaluation_rows(store, R)
+    key = kept_evaluations(store, R + 1)[rows[-1]["round"]]["key"] if rows else None
+    metrics = _metrics(store, R, dataset["dataset_id"] if dataset else None)
+    h = "#" * (level + 1)
+    return "\n".join([
+        f"{'#' * level} Round {R}\n",
+        f"Anchor {R} `{anchors[R]['anchor_hash'][:12]}` -> anchor {R + 1} `{anchors[R + 1]['anchor_hash'][:12]}`.\n",
+        _data_md(store, R, dataset, h), _training_md(anchors[R + 1]["config"], metrics, prefix, h),
+        _evaluation_md(rows, key, prefix, h)])
+
+
+# ---- files -------------------------------------------------------------------------------------
+def round_dir(root: Path, R: int) -> Path:
+    return Path(root) / REPORTS / f"round={R}"
+
+
+def table_csv(rows: list[dict]) -> str:
+    """The evaluation table, every number at full precision (repr): equal to the kept evaluations'."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(TABLE_COLUMNS)
+    writer.writerows([[repr(r[c]) if isinstance(r[c], float) else r[c] for c in TABLE_COLUMNS] for r in rows])
+    return out.getvalue()
+
+
+def plot_training_loss(metrics: list[dict], out_png: Path, title: str) -> Path:
+    """Loss terms per optimizer step (left) and the mean log pi/A (right: how far the policy moved
+    from the anchor on the pool). Written atomically; labels kept inside the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in metrics]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    for term in ("loss", "forward", "backward", "anchor_kl"):
+        if any(m.get(term) for m in metrics):
+            left.plot(steps, [m[term] for m in metrics], label=term)
+    right.plot(steps, [m["log_ratio"] for m in metrics], color="tab:purple")
+    left.set(xlabel="optimizer step", ylabel="loss term", title=title)
+    right.set(xlabel="optimizer step", ylabel=r"mean log $\pi$/A on the pool", title="policy vs anchor")
+    left.legend(fontsize=8)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    try:
+        with atomic_path(out_png) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return out_png
+
+
+def write_round_report(store: Store, R: int) -> Path:
+    """reports/round=R/: report.md, evaluation.csv and the two plots, each written atomically;
+    returns report.md's path. Reads the store only (see the module docstring)."""
+    folder = round_dir(store.root, R)
+    markdown = round_report_markdown(store, R)
+    rows = evaluation_rows(store, R)
+    anchors = {a["round"]: a for a in store.anchors()}
+    dataset = _dataset(store, anchors, R)
+    if rows:
+        write_text_atomic(table_csv(rows), folder / "evaluation.csv")
+        # the analytic points N = n^t take this round's n (exact when every round used the same n)
+        evaluate.plot_reward_vs_kl(rows, folder / "reward_vs_kl.png", dataset["n"] if dataset else 1)
+    metrics = _metrics(store, R, dataset["dataset_id"] if dataset else None)
+    if metrics:
+        plot_training_loss(metrics, folder / "training_loss.png", f"round {R}: training loss")
+    write_text_atomic(markdown, folder / "report.md")
+    return folder / "report.md"
+
+
+HTML = """<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:sans-serif;max-width:70em;margin:auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 8px}}img{{max-width:100%}}</style></head>
+<body>
+{body}
+</body></html>
+"""
+
+
+def write_index(store: Store) -> Path:
+    """reports/index.md and index.html: every reported round on one page, after the last round's evaluation table."""
+    import markdown
+
+    rounds = _trained_rounds(store)
+    if not rounds:
+        raise StoreError(f"{store.root}: no trained round yet, nothing to report (run `bond rounds`)")
+    last = evaluation_rows(store, rounds[-1])
+    text = f"# BOND report: {store.root.name}\n\n{len(rounds)} round(s) trained.\n\n"
+    if last:
+        text += "Every evaluated anchor against pi_0 (the last round's table):\n\n" + _table_md(last) + "\n"
+    text += "\n".join(round_report_markdown(store, R, prefix=f"round={R}/", level=2) for R in rounds)
+    folder = store.root / REPORTS
+    write_text_atomic(text, folder / "index.md")
+    html = markdown.markdown(text, extensions=["tables"])
+    write_text_atomic(HTML.format(title=f"BOND report: {store.root.name}", body=html), folder / "index.html")
+    return folder / "index.md"
+
+
+def write_store_report(store: Store) -> Path:
+    """Every trained round's report and the index, rebuilt from the store (what `bond report` runs)."""
+    if not store.exists():
+        raise StoreError(f"no BOND store at {store.root}")
+    for R in _trained_rounds(store):
+        write_round_report(store, R)
+    return write_index(store)
+
+
+def report_round(store: Store, R: int, prompts: str | None, reward: str, pool_k: int = 64,
+                 samples_per_prompt: int = 8, max_new_tokens: int = 16) -> dict:
+    """What `bond rounds` runs after training round R: evaluate anchors 0..R+1 on the held-out
+    prompts (kept results reused; skipped when `prompts` is None), then write round R's report and
+    the index. Returns the report's path and the new anchor's evaluation (None when skipped)."""
+    evals = evaluate_anchors(store, R + 1, prompts, reward, pool_k, samples_per_prompt, max_new_tokens) if prompts else []
+    path = write_round_report(store, R)
+    write_index(store)
+    return {"round": R, "report": str(path), "evaluation": evals[-1] if evals else None}
+
+
+def report_summary(result: dict) -> str:
+    """The one line a round's report step ends with."""
+    e = result["evaluation"]
+    if e is None:
+        return f"round {result['round']}: report {result['report']} (not evaluated: no held-out prompts configured)"
+    return (f"round {result['round']}: anchor {e['round']} on held-out prompts: reward {e['reward']:.4f}, "
+            f"p_le {e['p_le']:.3f}, KL to pi_0 {e['kl']:.3f}; report {result['report']}")
