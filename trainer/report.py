@@ -127,8 +127,8 @@ def _kv_md(pairs: list[tuple[str, str]]) -> str:
 
 def _data_md(store: Store, R: int, dataset: dict | None, h: str) -> str:
     gen = store.generation_summary(R)
-    pairs = [("candidates", f"{gen['candidates']}"), ("tokens", f"{gen['tokens']} ({gen['stop']} ended at end of "
-                                                                  f"sequence, {gen['length']} cut at max_new_tokens)")]
+    tokens = f"{gen['tokens']} ({gen['stop']} ended at end of sequence, {gen['length']} cut at max_new_tokens)"
+    pairs = [("candidates", f"{gen['candidates']}"), ("tokens", tokens)]
     for rm in store.reward_model_ids(R):
         r = store.reward_summary(R, rm)
         pairs.append((f"rewards `{rm}`", f"mean {r['mean']:.4f}, std {r['std']:.4f}, min {r['min']:.4f}, max {r['max']:.4f}"))
