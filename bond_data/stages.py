@@ -140,7 +140,7 @@ def score_summary(result: dict) -> str:
     r = result.get("rewards")
     if not r or not r["count"]:
         return f"{head}; no rewards in the store yet"
-    return (f"{head}; its {r['count']} rewards of the round: mean {r['mean']:.4f}, std {r['std']:.4f}, "
+    return (f"{head}; {r['count']} rewards in the round: mean {r['mean']:.4f}, std {r['std']:.4f}, "
             f"min {r['min']:.4f}, max {r['max']:.4f}")
 
 

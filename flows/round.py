@@ -16,6 +16,7 @@ from prefect import flow, task
 
 from bond_data.config import BuildConfig, GenerateConfig, ScoreConfig
 from bond_data.store import Store, StoreError
+from flows.report import report_task
 from flows.stages import run_build, run_generate, run_score
 from trainer.config import EvalConfig, TrainConfig
 
@@ -36,19 +37,6 @@ def train_task(store: str, cfg: dict) -> dict:
     release()  # the round's generator and reward model leave memory before the policy, anchor and AdamW arrive
     release_reward_models()
     return train(store, TrainConfig.model_validate(cfg))
-
-
-@task(name="report-round", task_run_name="report-round-{round_}")
-def report_task(store: str, round_: int, evaluate: dict, score: dict) -> dict:
-    """Evaluate the round's new anchor (kept evaluations reused) and write reports/round=R/."""
-    from bond_data.tasks import HELD_OUT_PROMPTS
-    from trainer.report import report_round
-
-    c = EvalConfig.model_validate(evaluate)
-    reward = c.rm or score["rm"]
-    prompts = (c.prompts or HELD_OUT_PROMPTS.get(reward)) if c.enabled else None
-    return report_round(Store(store), round_, str(prompts) if prompts else None, reward, c.pool_k,
-                        c.samples_per_prompt, c.max_new_tokens)
 
 
 @flow(name="bond-rounds")

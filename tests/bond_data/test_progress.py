@@ -89,7 +89,7 @@ def test_stage_progress_lines_and_summaries_match_the_store(store, capsys, monke
     r = sco["rewards"]
     assert r["count"] == 40 and np.isclose(r["mean"], rewards.mean()) and np.isclose(r["std"], rewards.std())
     assert (r["min"], r["max"]) == (rewards.min(), rewards.max())
-    assert stages.score_summary(sco).endswith(f"its 40 rewards of the round: mean {rewards.mean():.4f}, "
+    assert stages.score_summary(sco).endswith(f"40 rewards in the round: mean {rewards.mean():.4f}, "
                                               f"std {rewards.std():.4f}, min {rewards.min():.4f}, max {rewards.max():.4f}")
     again = stages.generate_round(store, 0, 4, Sampling(max_new_tokens=6), shard_prompts=4, batch_size=16)
     assert stages.generate_summary(again) == "round 0: generated 0 shard(s): nothing missing at k = 4"
