@@ -77,26 +77,25 @@ def kept_evaluations(store: Store, up_to: int) -> dict[int, dict]:
 
 
 # ---- what a round report shows -----------------------------------------------------------------
-def _trained_rounds(store: Store) -> list[int]:
-    registered = {a["round"] for a in store.anchors()}
-    return sorted(t for t in registered if t + 1 in registered)
+def _trained_rounds(facts: dict) -> list[int]:
+    return sorted(t for t in facts["anchors"] if t + 1 in facts["anchors"])
 
 
-def _dataset(store: Store, anchors: dict[int, dict], R: int) -> dict | None:
-    dataset_id = anchors[R + 1]["config"].get("dataset_id")
-    row = store.dataset_row(dataset_id) if dataset_id else None
+def _dataset(facts: dict, R: int) -> dict | None:
+    """The dataset that trained anchor R+1 (its registration names it), card parsed."""
+    row = facts["datasets"].get(facts["anchors"][R + 1]["config"].get("dataset_id"))
     return catalog_record(row) if row else None
 
 
-def evaluation_rows(store: Store, R: int) -> list[dict]:
+def evaluation_rows(store: Store, R: int, facts: dict | None = None) -> list[dict]:
     """The table of round R: each evaluated anchor 0..R+1 with N (the product of the n of the rounds
     that led to it) and the analytic Best-of-N row for that N."""
-    anchors = {a["round"]: a for a in store.anchors()}
+    facts = facts or store.report_facts()
     evals = kept_evaluations(store, R + 1)
     rows, N = [], 1
     for t in range(R + 2):
         if t > 0:
-            dataset = _dataset(store, anchors, t - 1)
+            dataset = _dataset(facts, t - 1)
             N *= dataset["n"] if dataset else 1
         if t in evals:
             e, a = evals[t], evaluate.analytic_row(N)
@@ -125,12 +124,12 @@ def _kv_md(pairs: list[tuple[str, str]]) -> str:
     return "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in pairs)
 
 
-def _data_md(store: Store, R: int, dataset: dict | None, h: str) -> str:
-    gen = store.generation_summary(R)
+def _data_md(facts: dict, R: int, dataset: dict | None, h: str) -> str:
+    gen = facts["generation"].get(R, {"candidates": 0, "tokens": 0, "stop": 0, "length": 0})
     tokens = f"{gen['tokens']} ({gen['stop']} ended at end of sequence, {gen['length']} cut at max_new_tokens)"
     pairs = [("candidates", f"{gen['candidates']}"), ("tokens", tokens)]
-    for rm in store.reward_model_ids(R):
-        r = store.reward_summary(R, rm)
+    for r in (r for r in facts["rewards"] if r["round"] == R):
+        rm = r["rm_id"]
         pairs.append((f"rewards `{rm}`", f"mean {r['mean']:.4f}, std {r['std']:.4f}, min {r['min']:.4f}, max {r['max']:.4f}"))
     if dataset:
         c = dataset["card"]
@@ -170,22 +169,25 @@ def _evaluation_md(rows: list[dict], key: dict | None, prefix: str, h: str) -> s
     return text + _table_md(rows) + f"\n![quantile and reward vs KL]({prefix}reward_vs_kl.png)\n"
 
 
-def round_report_markdown(store: Store, R: int, prefix: str = "", level: int = 1) -> str:
+def round_report_markdown(store: Store | str, R: int, prefix: str = "", level: int = 1,
+                          facts: dict | None = None) -> str:
     """Round R's report as Markdown (what `report.md` holds, and what a Prefect artifact can show);
-    `prefix` goes before the plots' file names, `level` is the title's heading level."""
+    `prefix` goes before the plots' file names, `level` is the title's heading level, `facts` a
+    `Store.report_facts()` snapshot to reuse."""
     store = Store(store) if not isinstance(store, Store) else store
-    anchors = {a["round"]: a for a in store.anchors()}
+    facts = facts or store.report_facts()
+    anchors = facts["anchors"]
     if R not in anchors or R + 1 not in anchors:
         raise StoreError(f"round {R} has not been trained (no anchor {R + 1}): nothing to report")
-    dataset = _dataset(store, anchors, R)
-    rows = evaluation_rows(store, R)
+    dataset = _dataset(facts, R)
+    rows = evaluation_rows(store, R, facts)
     key = kept_evaluations(store, R + 1)[rows[-1]["round"]]["key"] if rows else None
     metrics = _metrics(store, R, dataset["dataset_id"] if dataset else None)
     h = "#" * (level + 1)
     return "\n".join([
         f"{'#' * level} Round {R}\n",
         f"Anchor {R} `{anchors[R]['anchor_hash'][:12]}` -> anchor {R + 1} `{anchors[R + 1]['anchor_hash'][:12]}`.\n",
-        _data_md(store, R, dataset, h), _training_md(anchors[R + 1]["config"], metrics, prefix, h),
+        _data_md(facts, R, dataset, h), _training_md(anchors[R + 1]["config"], metrics, prefix, h),
         _evaluation_md(rows, key, prefix, h)])
 
 
@@ -230,14 +232,14 @@ def plot_training_loss(metrics: list[dict], out_png: Path, title: str) -> Path:
     return out_png
 
 
-def write_round_report(store: Store, R: int) -> Path:
+def write_round_report(store: Store, R: int, facts: dict | None = None) -> Path:
     """reports/round=R/: report.md, evaluation.csv and the two plots, each written atomically;
     returns report.md's path. Reads the store only (see the module docstring)."""
+    facts = facts or store.report_facts()
     folder = round_dir(store.root, R)
-    markdown = round_report_markdown(store, R)
-    rows = evaluation_rows(store, R)
-    anchors = {a["round"]: a for a in store.anchors()}
-    dataset = _dataset(store, anchors, R)
+    markdown = round_report_markdown(store, R, facts=facts)
+    rows = evaluation_rows(store, R, facts)
+    dataset = _dataset(facts, R)
     if rows:
         write_text_atomic(table_csv(rows), folder / "evaluation.csv")
         # the analytic points N = n^t take this round's n (exact when every round used the same n)
@@ -259,18 +261,19 @@ td,th{{border:1px solid #ccc;padding:2px 8px}}img{{max-width:100%}}</style></hea
 """
 
 
-def write_index(store: Store) -> Path:
+def write_index(store: Store, facts: dict | None = None) -> Path:
     """reports/index.md and index.html: every reported round on one page, after the last round's evaluation table."""
     import markdown
 
-    rounds = _trained_rounds(store)
+    facts = facts or store.report_facts()
+    rounds = _trained_rounds(facts)
     if not rounds:
         raise StoreError(f"{store.root}: no trained round yet, nothing to report (run `bond rounds`)")
-    last = evaluation_rows(store, rounds[-1])
+    last = evaluation_rows(store, rounds[-1], facts)
     text = f"# BOND report: {store.root.name}\n\n{len(rounds)} round(s) trained.\n\n"
     if last:
         text += "Every evaluated anchor against pi_0 (the last round's table):\n\n" + _table_md(last) + "\n"
-    text += "\n".join(round_report_markdown(store, R, prefix=f"round={R}/", level=2) for R in rounds)
+    text += "\n".join(round_report_markdown(store, R, prefix=f"round={R}/", level=2, facts=facts) for R in rounds)
     folder = store.root / REPORTS
     write_text_atomic(text, folder / "index.md")
     html = markdown.markdown(text, extensions=["tables"])
@@ -282,9 +285,10 @@ def write_store_report(store: Store) -> Path:
     """Every trained round's report and the index, rebuilt from the store (what `bond report` runs)."""
     if not store.exists():
         raise StoreError(f"no BOND store at {store.root}")
-    for R in _trained_rounds(store):
-        write_round_report(store, R)
-    return write_index(store)
+    facts = store.report_facts()
+    for R in _trained_rounds(facts):
+        write_round_report(store, R, facts)
+    return write_index(store, facts)
 
 
 def report_round(store: Store, R: int, prompts: str | None, reward: str, pool_k: int = 64,
@@ -293,8 +297,9 @@ def report_round(store: Store, R: int, prompts: str | None, reward: str, pool_k:
     prompts (kept results reused; skipped when `prompts` is None), then write round R's report and
     the index. Returns the report's path and the new anchor's evaluation (None when skipped)."""
     evals = evaluate_anchors(store, R + 1, prompts, reward, pool_k, samples_per_prompt, max_new_tokens) if prompts else []
-    path = write_round_report(store, R)
-    write_index(store)
+    facts = store.report_facts()
+    path = write_round_report(store, R, facts)
+    write_index(store, facts)
     return {"round": R, "report": str(path), "evaluation": evals[-1] if evals else None}
 
 
