@@ -1,4 +1,5 @@
-"""The trainer's configs: offline BOND (`bond train`) and online J-BOND (`bond train-online`).
+"""The trainer's configs: offline BOND (`bond train`), online J-BOND (`bond train-online`), and the
+evaluation of each new anchor in `bond rounds` (its `evaluate` section).
 
 Same rules as the data stages' configs (bond_data/config.py): defaults here, a YAML file overrides
 them, flags override the file, and every description shows in `--help`.
