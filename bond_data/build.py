@@ -3,11 +3,12 @@
 The weights come from the catalog's `bon_pool(n)` SQL macro (window functions over the `pool`
 view; `bond_data.bon` is the same math in numpy, and the tests hold the two equal); DuckDB streams
 the rows to Parquet under a memory limit, so a round of millions of candidates builds in bounded
-memory. Only a round fully scored by the reward model is built. A dataset is
-Parquet under `datasets/round=R/<id>/` with a dataset card (README.md) and is loadable with
-`datasets.load_dataset("parquet", data_files=...)`. Its id names and hashes (round, rm, n, weighting,
-target, the scores shards it read), so rebuilding after raising k makes a new dataset, a pool and an
-unbiased dataset of one round are two datasets, and rebuilding unchanged data is a no-op.
+memory. Only a round fully scored by the reward model is built. A dataset is Parquet under
+`datasets/round=R/<id>/` with a Hugging Face dataset card (README.md, `bond_data.card`) and loads with
+`datasets.load_dataset(folder)`; `bond export` copies it out (`bond_data.export`). Its id names and
+hashes (round, rm, n, weighting, target, the scores shards it read), so rebuilding after raising k
+makes a new dataset, a pool and an unbiased dataset of one round are two datasets, and rebuilding
+unchanged data is a no-op.
 
 Two checks guard the math: unbiased weights need n <= k in every pool, and BOND's target is
 Best-of-n of the anchor, so a pool drawn at temperature != 1 or top_p != 1 (from a sampler q, not
@@ -23,41 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from bond_data import bon, schema
+from bond_data import bon, card, schema
 from bond_data.files import atomic_path
 from bond_data.store import Store, StoreError
-
-CARD = """---
-license: other
-tags: [bond, best-of-n, distillation]
----
-# BOND distillation dataset `{dataset_id}`
-
-Every candidate of round {round} of the store, weighted towards the Best-of-{n} distribution of the
-round's {target_name} under reward model `{rm_id}` (hash `{rm_hash}`). Weighting: **{weighting}**.
-
-- `bon_weight`: {formula} Within a prompt `bon_weight / k` sums to 1, so
-  `sum_i bon_weight_i * loss_i / k` is the Best-of-{n} expectation (the trainer's forward term).
-- `bon_weight_pool` = (p_le^n - p_lt^n) / (p_le - p_lt) (BOND Theorem 1 on the pool: Best-of-{n} drawn
-  with replacement from the pool). Never 0, so the trainer's backward term takes its log.
-- `p_lt`, `p_le`: fraction of the prompt's pool with a smaller / smaller-or-equal reward.
-- `anchor_logprob`: log-probability of the completion under the anchor (temperature 1).
-- `target_logprob`: log-probability under the policy whose Best-of-{n} is the target ({target_column}):
-  the trainer's log A.
-
-| | |
-|---|---|
-| weighting | {weighting} |
-| target | {target} |
-| prompts | {prompts} |
-| candidates | {candidates} |
-| samples per prompt (k) | {k_min} to {k_max} |
-| tie rate | {tie_rate:.3f} |
-| effective sample size per prompt (mean) | {ess_mean:.2f} |
-
-Load it with `datasets.load_dataset("parquet", data_files="{data_file}")`.
-"""
 
 FORMULAS = {
     "unbiased": "k (C(le, n) - C(lt, n)) / (C(k, n) (le - lt)), with le / lt the counts of pool rewards <= / < "
@@ -160,8 +131,10 @@ def dataset_id_of(round_: int, rm_id: str, n: int, weighting: str, target: str, 
 
 
 def build_dataset(store: Store, round_: int, n: int, rm_id: str | None = None, weighting: str = "unbiased",
-                  target: str = "anchor") -> dict:
-    """Write (or find) the round's distillation dataset; return its catalog record with a summary."""
+                  target: str = "anchor", license: str = "other") -> dict:
+    """Write (or find) the round's distillation dataset; return its catalog record with a summary.
+    `license` goes on the card of a new dataset (an existing one keeps its own: `bond export
+    --license` sets it on a copy)."""
     if weighting not in FORMULAS or target not in TARGETS:
         raise ValueError(f"weighting must be one of {list(FORMULAS)} and target one of {list(TARGETS)}, "
                          f"got {weighting!r} and {target!r}")
@@ -173,7 +146,7 @@ def build_dataset(store: Store, round_: int, n: int, rm_id: str | None = None, w
         if existing:
             return {**catalog_record(existing[0]), "reused": True}
         folder = store.root / "datasets" / f"round={round_}" / dataset_id
-        record = _write(store, folder, dataset_id, round_, rm_id, n, weighting, target)
+        record = _write(store, folder, dataset_id, round_, rm_id, n, weighting, target, license)
         store.register_dataset(record)
     return {**record, "reused": False}
 
@@ -187,10 +160,9 @@ def catalog_record(row: dict) -> dict:
 
 
 def _write(store: Store, folder: Path, dataset_id: str, round_: int, rm_id: str, n: int, weighting: str,
-           target: str) -> dict:
+           target: str, license: str) -> dict:
     """Parquet (streamed by DuckDB, bounded memory) + card into a temporary folder, renamed into
     place: a dataset is there whole or not at all."""
-    rm_hash = store.query("SELECT rm_hash FROM reward_models WHERE rm_id = ?", [rm_id]).column(0)[0].as_py()
     data_file = folder / "part-0.parquet"
     with atomic_path(folder) as tmp:  # an unregistered leftover of a killed build is replaced
         tmp.mkdir()
@@ -199,14 +171,35 @@ def _write(store: Store, folder: Path, dataset_id: str, round_: int, rm_id: str,
         summary = store.dataset_summary(tmp / "part-0.parquet")
         if summary["candidates"] == 0:
             raise StoreError(f"round {round_} has no scored candidates for reward model {rm_id!r}")
-        target_name, target_column = TARGETS[target]
-        card = CARD.format(dataset_id=dataset_id, round=round_, n=n, rm_id=rm_id, rm_hash=rm_hash[:16],
-                           data_file=data_file, weighting=weighting, formula=FORMULAS[weighting], target=target,
-                           target_name=target_name, target_column=target_column, **summary)
-        (tmp / "README.md").write_text(card)
+        meta = card_meta(store, dataset_id, round_, rm_id, n, weighting, target, summary)
+        meta_file = pq.read_metadata(tmp / "part-0.parquet")
+        card.write_card(tmp, "parquet", meta_file.schema.to_arrow_schema(), summary["candidates"],
+                        (tmp / "part-0.parquet").stat().st_size, meta, license)
     return {
         "dataset_id": dataset_id, "round": round_, "rm_id": rm_id, "n": n,
         "path": data_file.relative_to(store.root).as_posix(), "num_rows": summary["candidates"],
         "num_prompts": summary["prompts"], "weighting": weighting, "target": target,
-        "card": {**summary, "weighting": weighting, "target": target},
+        "card": {**summary, "weighting": weighting, "target": target, "license": license,
+                 "anchor_hash": meta["provenance"]["anchor_hash"]},
     }
+
+
+def card_meta(store: Store, dataset_id: str, round_: int, rm_id: str, n: int, weighting: str, target: str,
+              summary: dict) -> dict:
+    """What the card says: the summary, the math, and the provenance of the rows."""
+    rm = store.query("SELECT rm_hash, spec FROM reward_models WHERE rm_id = ?", [rm_id]).to_pylist()[0]
+    anchor = store.anchor(round_) or {"anchor_path": None, "anchor_hash": None}
+    target_name, target_column = TARGETS[target]
+    lineage = store.round_lineage(round_)
+    provenance = {
+        "store": str(store.root), "round": round_, "dataset_id": dataset_id,
+        "anchor_path": anchor["anchor_path"], "anchor_hash": anchor["anchor_hash"],
+        "tokenizer": card.tokenizer_provenance(anchor["anchor_path"]) if anchor["anchor_path"] else {
+            "name_or_path": None, "special_tokens": {}},
+        "sampling": lineage["sampling"], "backends": lineage["backends"],
+        "rm_id": rm_id, "rm_hash": rm["rm_hash"], "rm_spec": rm["spec"],
+        "n": n, "k_min": summary["k_min"], "k_max": summary["k_max"], "weighting": weighting, "target": target,
+    }
+    return {"dataset_id": dataset_id, "round": round_, "n": n, "rm_id": rm_id, "weighting": weighting,
+            "target": target, "formula": FORMULAS[weighting], "target_name": target_name,
+            "target_column": target_column, "summary": summary, "provenance": provenance}

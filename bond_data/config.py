@@ -126,6 +126,12 @@ class RunnerConfig(Config):
     dask_address: str | None = Field(None, description="an existing Dask scheduler; none starts a LocalCluster")
     dask_workers: int = Field(2, ge=1, description="LocalCluster worker processes when no address is given")
     max_workers: int = Field(2, ge=1, description="thread pool size")
+    retries: int = Field(2, ge=0, description="retries of a shard after a transient failure (I/O, a lost worker, "
+                         "a timeout); bad input and bad rewards fail once")
+    retry_delay_s: float = Field(2.0, ge=0, description="seconds before a shard's first retry; doubles on each retry")
+    shard_timeout_s: float | None = Field(None, gt=0, description="seconds after which a shard fails as timed out "
+                                          "and is retried (enforced when its thread next runs Python code: a call "
+                                          "blocked in C or I/O is not cut short); none = no limit")
 
 
 class GenerateConfig(RunnerConfig):
@@ -138,6 +144,9 @@ class GenerateConfig(RunnerConfig):
     batch_size: int = Field(64, ge=1, description="sequences per forward pass (prompts x samples)")
     shard_prompts: int = Field(32, ge=1, description="prompts per shard: the unit of work, retry and skip")
     device: str | None = Field(None, pattern=DEVICE_PATTERN, description="cpu, cuda, cuda:N or mps; none picks cuda when available")
+    precision: Literal["auto", "fp32", "bf16-autocast"] = Field(
+        "auto", description="transformers: the policy log A is computed under, recorded with each candidate for the "
+                            "trainer (bond_data/precision.py); auto = bf16-autocast on cuda, fp32 elsewhere")
     # vLLM engine arguments (backend vllm only)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory the engine reserves")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one model is split across")
@@ -169,3 +178,6 @@ class BuildConfig(Config):
     target: Literal["anchor", "sampler"] = Field(
         "anchor", description="anchor: refuse pools sampled at temperature or top_p != 1; sampler: distil Best-of-N of "
         "that sampler (its log-probs stand in for the anchor's)")
+    license: str = Field(
+        "other", pattern=r"^[a-z0-9][a-z0-9.+-]*$", description="the dataset card's license: a Hugging Face license "
+        "id (apache-2.0, mit, cc-by-4.0, ...) or other; set on a new dataset (`bond export --license` on a copy)")

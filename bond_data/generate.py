@@ -10,13 +10,14 @@ depend on which batch it landed in: `SeededGumbelSampler` adds Gumbel noise draw
 based hash of (seed, step, token) and lets greedy decoding take the argmax, which is an exact
 sample from the temperature / top-p distribution (the Gumbel-max trick). It also records, for each
 generated token, its log-probability under the raw anchor (temperature 1: `anchor_logprob`, the
-trainer's log A(y)) and under the sampler (`sample_logprob`).
+trainer's log A(y)) and under the sampler (`sample_logprob`), under the precision policy of
+`bond_data.precision`, which the shard's `sampling` JSON records for the trainer to follow.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -58,6 +59,7 @@ def generate_shard(store_root: str, plan: dict, anchor: dict, backend: str, samp
     jobs = [PromptJob(**j) for j in plan["jobs"]]
     model = load_backend(backend, anchor["anchor_path"], anchor["anchor_hash"], batch_size, device, engine_args)
     completions = model.generate(jobs, sampling)
+    sampling = replace(sampling, precision=model.precision(sampling))  # the lineage records the resolved policy
     table = candidate_table(plan["round"], jobs, completions, anchor["anchor_hash"], model.name, sampling)
     write_parquet_atomic(table, out)
     return shard_manifest(root, out, "candidates", plan["shard_id"], round=plan["round"])

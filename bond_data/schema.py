@@ -12,6 +12,8 @@ import json
 
 import pyarrow as pa
 
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))  # a chat: [{role, content}]
+
 PROMPTS = pa.schema(
     [
         pa.field("prompt_id", pa.string(), nullable=False),  # sha256 of the canonical content, 16 hex
@@ -58,7 +60,7 @@ DATASET = pa.schema(
         pa.field("prompt_id", pa.string(), nullable=False),
         pa.field("candidate_id", pa.string(), nullable=False),
         pa.field("prompt", pa.string(), nullable=False),
-        pa.field("messages", pa.string()),
+        pa.field("messages", MESSAGES),  # a chat prompt's turns (the prompts table keeps them as JSON text)
         pa.field("completion", pa.string(), nullable=False),
         pa.field("token_ids", pa.list_(pa.int32()), nullable=False),  # the completion as generated
         pa.field("reward", pa.float64(), nullable=False),
@@ -72,6 +74,7 @@ DATASET = pa.schema(
         pa.field("round", pa.int32(), nullable=False),
         pa.field("n", pa.int32(), nullable=False),
         pa.field("rm_id", pa.string(), nullable=False),
+        pa.field("anchor_hash", pa.string(), nullable=False),  # the anchor that sampled it (its tokenizer made token_ids)
     ]
 )
 

@@ -130,7 +130,7 @@ def score_round(store: Store, round_: int, spec: str, rm_id: str | None = None, 
 
         with Progress(f"score round {round_} ({rid})", rows, "rewards") as bar:
             done = register_as_completed(store, with_reward_model(run_shards(score.score_shard, calls)), bar, len(todo))
-        rewards = store.reward_summary(round_, rid)
+        rewards = store.score_summary(round_, rid)
     return {"round": round_, "rm_id": rid, "shards_scored": len(done), "rewards": rewards}
 
 
@@ -138,9 +138,9 @@ def score_summary(result: dict) -> str:
     """The one line a score run ends with: the round's rewards under this reward model."""
     head = f"round {result['round']}: scored {result['shards_scored']} shard(s) with {result['rm_id']}"
     r = result.get("rewards")
-    if not r or not r["count"]:
+    if not r or not r["scored"]:
         return f"{head}; no rewards in the store yet"
-    return (f"{head}; {r['count']} rewards in the round: mean {r['mean']:.4f}, std {r['std']:.4f}, "
+    return (f"{head}; {r['scored']} rewards in the round: mean {r['mean']:.4f}, std {r['std']:.4f}, "
             f"min {r['min']:.4f}, max {r['max']:.4f}")
 
 
@@ -153,10 +153,10 @@ def check_build(store: Store, round_: int, n: int, rm_id: str | None, weighting:
 
 
 def build_round(store: Store, round_: int, n: int, rm_id: str | None = None, weighting: str = "unbiased",
-                target: str = "anchor") -> dict:
+                target: str = "anchor", license: str = "other") -> dict:
     """Write (or find) the round's Best-of-n weighted dataset; its catalog record and summary."""
     with Progress(f"build round {round_}", 1, "dataset") as bar:
-        record = build.build_dataset(store, round_, n, rm_id, weighting, target)
+        record = build.build_dataset(store, round_, n, rm_id, weighting, target, license)
         bar.advance(1)
     return record
 

@@ -43,6 +43,30 @@ from bond_data.files import file_sha256, is_temporary, write_text_atomic
 __all__ = ["QueryInterrupted", "QueryTimeout", "Store", "StoreError", "check_read_only", "read_only_query", "reader_script", "shard_manifest"]
 
 VIEWS = {"prompts": schema.PROMPTS, "candidates": schema.CANDIDATES, "scores": schema.SCORES}
+EMPTY_FILES = {**VIEWS, "dataset_rows": schema.DATASET}  # typed zero-row files: a view never reads []
+
+# Catalog tables as readers see them: the `datasets` registrations gain the card's fields as columns
+# (weighting, target, license, anchor and the build's summary), so an analyst compares datasets
+# without JSON. Datasets registered before a field existed read NULL there (weighting: pool).
+CATALOG_COLUMNS = {"datasets": """, coalesce(card->>'$.weighting', 'pool') AS weighting,
+    coalesce(card->>'$.target', 'anchor') AS target, card->>'$.license' AS license, card->>'$.anchor_hash' AS anchor_hash,
+    (card->>'$.k_min')::INTEGER AS k_min, (card->>'$.k_max')::INTEGER AS k_max, (card->>'$.tie_rate')::DOUBLE AS tie_rate,
+    (card->>'$.ess_mean')::DOUBLE AS ess_mean, (card->>'$.mean_reward')::DOUBLE AS mean_reward,
+    (card->>'$.bon_reward')::DOUBLE AS bon_reward"""}
+
+# Every row of every registered dataset, with its dataset's id, weighting and target: the weights an
+# analyst compares across datasets (union by name: datasets of older versions lack some columns).
+# Only registered files that are there (a listing of datasets/, joined): a dataset folder deleted by
+# hand drops out of the view instead of breaking every query.
+DATASET_ROWS_VIEW = """
+SET VARIABLE bond_dataset_rows = (SELECT coalesce(list(g.file ORDER BY g.file), [])
+    FROM glob('{r}/datasets/*/*/*.parquet') g JOIN datasets d ON g.file = '{r}/' || d.path);
+CREATE OR REPLACE TEMP VIEW dataset_rows AS
+SELECT d.dataset_id, d.weighting, d.target, r.* EXCLUDE (filename)
+FROM read_parquet(list_concat(['{r}/{catalog}/empty/dataset_rows.parquet'], getvariable('bond_dataset_rows')),
+                  union_by_name = true, filename = true, hive_partitioning = false) r
+JOIN datasets d ON r.filename = '{r}/' || d.path;
+"""
 
 # One row per candidate and reward model, with its quantiles within its (round, prompt, rm) pool.
 # Count each reward level of a pool, take the running sum over levels (<=), subtract the level's
@@ -86,12 +110,15 @@ FROM pool;
 # `bon_weight` is the chosen weighting (the trainer's forward term), `bon_weight_pool` the pool one
 # (inside the backward term's log: never 0); `target_logprob` is log of the policy whose Best-of-n
 # is the target: the anchor (temperature 1), or with target 'sampler' the sampler that drew the pool.
+# `messages` is stored in the prompts as JSON text; datasets carry it as a list of {role, content}
+# structs, the shape chat datasets have in `datasets` and TRL.
 DATASET_ROWS = """
-SELECT b.prompt_id, b.candidate_id, p.prompt, p.messages, c.completion, c.token_ids, b.reward, b.p_lt, b.p_le,
+SELECT b.prompt_id, b.candidate_id, p.prompt,
+       from_json(p.messages, '[{"role": "VARCHAR", "content": "VARCHAR"}]') AS messages, c.completion, c.token_ids, b.reward, b.p_lt, b.p_le,
        CASE getvariable('bond_weighting') WHEN 'pool' THEN b.bon_weight_pool ELSE b.bon_weight END AS bon_weight,
        b.bon_weight_pool, c.anchor_logprob,
        CASE getvariable('bond_target') WHEN 'sampler' THEN c.sample_logprob ELSE c.anchor_logprob END AS target_logprob,
-       c.num_tokens, b.round::INTEGER AS round, getvariable('bond_n')::INTEGER AS n, b.rm_id
+       c.num_tokens, b.round::INTEGER AS round, getvariable('bond_n')::INTEGER AS n, b.rm_id, c.anchor_hash
 FROM bon_pool(getvariable('bond_n')) b
 JOIN candidates c ON c.candidate_id = b.candidate_id AND c.round = getvariable('bond_round')
 JOIN prompts p ON p.prompt_id = b.prompt_id
@@ -103,6 +130,7 @@ ORDER BY b.prompt_id, c.sample_index
 # candidates were drawn with (BOND's target is Best-of-n of the anchor: temperature 1, top_p 1).
 POOL_SIZES = "SELECT min(k) AS k_min, count(DISTINCT prompt_id) AS prompts FROM pool WHERE round = $round AND rm_id = $rm"
 SAMPLING_SETTINGS = "SELECT DISTINCT sampling FROM candidates WHERE round = $round ORDER BY 1"
+BACKENDS = "SELECT DISTINCT backend FROM candidates WHERE round = $round ORDER BY 1"
 
 # Prompts, candidates, tie rate, effective sample size and rewards of a built dataset, in SQL so
 # that a dataset of millions of rows is summarised without loading it (bond_data.build checks it
@@ -155,7 +183,8 @@ def reader_script(root: Path) -> str:
         lines.append(f"SET VARIABLE bond_{table}_files = (SELECT list(file) FROM glob('{folder}/*.parquet') "
                      f"WHERE file = getvariable('bond_{table}_base') OR (file > getvariable('bond_{table}_base') AND "
                      f"(file LIKE '%-segment.parquet' OR file > getvariable('bond_{table}_segment'))));")
-        lines.append(f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT * FROM read_parquet(getvariable('bond_{table}_files')) "
+        lines.append(f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT *{CATALOG_COLUMNS.get(table, '')} "
+                     f"FROM read_parquet(getvariable('bond_{table}_files')) "
                      f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY registered_at) = 1;")
     for view in VIEWS:
         lines.append(f"SET VARIABLE bond_{view} = (SELECT coalesce(list(DISTINCT '{r}/' || path), []) "
@@ -163,6 +192,8 @@ def reader_script(root: Path) -> str:
         lines.append(f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM read_parquet(list_concat("
                      f"['{r}/{catalog.CATALOG_DIR}/empty/{view}.parquet'], getvariable('bond_{view}')), "
                      "hive_partitioning = false);")
+    if (root / catalog.CATALOG_DIR / "empty" / "dataset_rows.parquet").is_file():  # stores written by this version
+        lines.append(DATASET_ROWS_VIEW.strip().format(r=r, catalog=catalog.CATALOG_DIR))
     return "\n".join(lines) + "\n" + POOL_VIEW.strip() + "\n"
 
 
@@ -214,7 +245,7 @@ class Store:
         """Create the catalog (migrating an older DuckDB catalog once) and keep `store.sql` naming
         this folder, wherever the store has been moved to."""
         legacy, fresh = self.root / "catalog.duckdb", not self.exists()
-        catalog.ensure_layout(self.root, VIEWS)
+        catalog.ensure_layout(self.root, EMPTY_FILES)
         if fresh and legacy.is_file():
             _migrate(legacy, self.root)
         script, path = reader_script(self.root), self.root / "store.sql"
@@ -373,6 +404,12 @@ class Store:
         """The distinct sampling settings (temperature, top_p, max_new_tokens) of a round's candidates."""
         return [json.loads(s) for s in self.query(SAMPLING_SETTINGS, {"round": round_}).column(0).to_pylist()]
 
+    def round_lineage(self, round_: int) -> dict:
+        """How a round's candidates were drawn (a dataset card's provenance): the distinct sampling
+        settings and generator backends."""
+        return {"sampling": self.sampling_settings(round_),
+                "backends": self.query(BACKENDS, {"round": round_}).column(0).to_pylist()}
+
     def dataset_summary(self, path: Path) -> dict:
         rows = self.query(DATASET_SUMMARY, {"path": str(path)}).to_pylist()[0]
         return {k: (int(v) if k in ("prompts", "candidates", "k_min", "k_max") else float(v)) for k, v in rows.items()}
@@ -417,13 +454,6 @@ class Store:
         rows = self.query("SELECT round, anchor_path, anchor_hash FROM rounds WHERE round = ?", [round_]).to_pylist()
         return rows[0] if rows else None
 
-    def reward_summary(self, round_: int, rm_id: str) -> dict:
-        """count, mean, std (population), min and max of a round's registered rewards under one reward model."""
-        return self.query(
-            "SELECT count(*)::BIGINT AS count, avg(reward) AS mean, stddev_pop(reward) AS std, min(reward) AS min, "
-            "max(reward) AS max FROM scores WHERE round = $round AND rm_id = $rm", {"round": round_, "rm": rm_id},
-        ).to_pylist()[0]
-
     def report_facts(self) -> dict:
         """What the round reports read, from one snapshot: anchors by round (registration config
         parsed: a trained one names its dataset), datasets by id, per round the candidates' count,
@@ -449,6 +479,24 @@ class Store:
     def reward_model_ids(self, round_: int) -> list[str]:
         rows = self.query("SELECT DISTINCT rm_id FROM shards WHERE kind = 'scores' AND round = ? ORDER BY 1", [round_])
         return rows.column("rm_id").to_pylist()
+
+    def pool_summary(self, round_: int) -> dict:
+        """A round's candidates (the generate stage's summary): shards, prompts, rows, completion
+        tokens and how completions ended (`stop`: EOS, `length`: the max_new_tokens cap)."""
+        shards = self.query("SELECT count(*) AS n FROM shards WHERE kind = 'candidates' AND round = ?", [round_])
+        row = self.query(
+            "SELECT count(DISTINCT prompt_id) AS prompts, count(*) AS candidates, "
+            "coalesce(sum(num_tokens), 0)::BIGINT AS tokens, count(*) FILTER (finish_reason = 'stop') AS stop, "
+            "count(*) FILTER (finish_reason = 'length') AS length FROM candidates WHERE round = ?", [round_])
+        return {"round": round_, "shards": shards.column("n")[0].as_py(), **row.to_pylist()[0]}
+
+    def score_summary(self, round_: int, rm_id: str) -> dict:
+        """One reward model's scores of a round (the score stage's summary): rows, reward mean,
+        standard deviation (population) and range."""
+        row = self.query(
+            "SELECT count(*) AS scored, avg(reward) AS mean, coalesce(stddev_pop(reward), 0) AS std, "
+            "min(reward) AS min, max(reward) AS max FROM scores WHERE round = ? AND rm_id = ?", [round_, rm_id])
+        return {"round": round_, "rm_id": rm_id, **row.to_pylist()[0]}
 
 
 def _next_stage(per_round: list[dict]) -> str:

@@ -8,12 +8,13 @@ Every subcommand parses its flags into a config, then makes one call into a flow
     bond score     --store DIR [--round R] [--rm SPEC] [--rm-id ID]
     bond build     --store DIR [--round R] --n N [--rm-id ID]
     bond sql       --store DIR "QUERY" [--format table|csv|json]
+    bond export    --store DIR --dataset ID --to OUT [--format parquet|arrow] [--license ID]
     bond status    --store DIR [--format json]          rounds, pools, scores, datasets, the next stage
     bond migrate   --store DIR                          a store written before the manifest catalog
     bond train     --store DIR --round R [--beta B --eta E ...]   (torchrun: python -m trainer.train)
     bond train-online --policy DIR --prompts FILE --out DIR [--rm SPEC --steps S ...]   online J-BOND
     bond rounds    --store DIR --num M [--n 2 --k 8 ...]          iterative BOND, resumable
-    bond serve     --store DIR --cron "0 3 * * *" --num M         the rounds flow on a schedule
+    bond serve     --store DIR --num M [--cron "0 3 * * *"] [--pool P]   the rounds flow as a deployment
     bond report    --store DIR                          rebuild reports/ (every round, index.md / .html)
 
 Flags come from the configs' fields (`--help` shows each one's description and default); one
@@ -101,8 +102,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--k", type=int, help="samples per prompt (generate.k)")
         p.add_argument("--rm", help=f"{RM_HELP} (score.rm)")
         if cmd == "serve":
-            p.add_argument("--cron", required=True, help='e.g. "0 3 * * *"')
-            p.add_argument("--name", default="bond-rounds")
+            p.add_argument("--cron", help='schedule, e.g. "0 3 * * *" (none: runs only when started by hand)')
+            p.add_argument("--name", default="bond-rounds", help="deployment name (default bond-rounds)")
+            p.add_argument("--pool", help="register the deployment on this Prefect work pool and exit (a worker "
+                           "runs it: `prefect worker start --pool POOL`); without it, serve from this process")
 
     p = sub.add_parser("status", help="the store at a glance: rounds, pools, scores, datasets, the next stage")
     p.add_argument("--store", required=True)
@@ -113,6 +116,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="move a store's DuckDB catalog of an earlier version to the manifest catalog")
     p.add_argument("--store", required=True)
+
+    p = sub.add_parser("export", help="a built dataset as a self-contained folder with its card (load_dataset / load_from_disk)")
+    p.add_argument("--store", required=True)
+    p.add_argument("--dataset", required=True, help="the dataset id (`bond status` lists them)")
+    p.add_argument("--to", required=True, help="a new or empty folder outside the store")
+    p.add_argument("--format", choices=["parquet", "arrow"], default="parquet",
+                   help="parquet: datasets.load_dataset(DIR); arrow: datasets.load_from_disk(DIR) (default parquet)")
+    p.add_argument("--license", help="the card's license (a Hugging Face license id); default: the one it was built with")
 
     p = sub.add_parser("sql", help="query the store read-only")
     p.add_argument("--store", required=True)
@@ -175,6 +186,7 @@ def _quiet_prefect(verbose: bool) -> None:
     logging.getLogger("prefect").setLevel(level)  # for Prefect already imported (tests, notebooks)
     if not verbose:  # Hugging Face's "Loading weights" / "Writing model shards" bars and notices
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
         os.environ["TRANSFORMERS_VERBOSITY"] = "error"
         os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
         if "transformers" in sys.modules:
@@ -353,14 +365,50 @@ def cmd_rounds(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from prefect import serve
-
     from flows.round import rounds_deployment
 
     deployment = rounds_deployment(str(Path(args.store).resolve()), args.cron, args.num, **rounds_params(args),
                                    name=args.name)
-    print(f"serving {args.name} on cron {args.cron!r}; Ctrl-C stops")
+    when = f"on cron {args.cron!r}" if args.cron else "on demand"
+    if args.pool:
+        _check_work_pool(args.pool)
+        deployment.apply(work_pool_name=args.pool)
+        print(f"deployment bond-rounds/{args.name} ({when}) on work pool {args.pool!r}; a worker runs it: "
+              f"prefect worker start --pool {args.pool}; start one now: prefect deployment run bond-rounds/{args.name}")
+        return
+    from prefect import serve
+
+    print(f"serving bond-rounds/{args.name} {when}; Ctrl-C stops")
     serve(deployment)
+
+
+def _check_work_pool(name: str) -> None:
+    """A missing work pool is a user error (the server would otherwise create one that no worker serves)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise ValueError("--pool needs a Prefect server that outlives this command (the temporary one would take "
+                         "the deployment with it): set PREFECT_API_URL, e.g. to a `prefect server start`")
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+        except ObjectNotFound:
+            raise ValueError(f"work pool {name!r} does not exist: create it with "
+                             f"`prefect work-pool create --type process {name}`") from None
+
+
+def cmd_export(args) -> None:
+    from bond_data.export import export_dataset
+    from bond_data.store import Store
+
+    if args.license is not None:  # the same check as the build's `license` key
+        BuildConfig.validate_as({"license": args.license}, "--license")
+    out = export_dataset(Store(args.store), args.dataset, args.to, args.format, args.license)
+    load = "load_dataset" if args.format == "parquet" else "load_from_disk"
+    print(f"{out['to']}: {out['rows']} rows of {out['dataset_id']} ({out['format']}, license {out['license']}); "
+          f"datasets.{load}({out['to']!r})")
 
 
 def cmd_report(args) -> None:
@@ -402,17 +450,13 @@ def print_summary(record: dict, store: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    card = record["card"]
+    from flows.stages import build_figures
+
     t = Table(title=f"dataset {record['dataset_id']} (round {record['round']}, Best-of-{record['n']}, "
                     f"{record.get('weighting', 'pool')} weights, rm {record['rm_id']})")
     t.add_column("metric")
     t.add_column("value", justify="right")
-    rows = [("prompts", card["prompts"]), ("candidates", card["candidates"]),
-            ("tie rate", f"{card['tie_rate']:.3f}"),
-            ("effective sample size / prompt", f"{card['ess_mean']:.2f} of {card['k_max']}"),
-            ("mean reward (one sample of the anchor)", f"{card['mean_reward']:.4f}"),
-            (f"Best-of-{record['n']} reward (what the weights target)", f"{card['bon_reward']:.4f}")]
-    for k, v in rows:
+    for k, v in build_figures(record):
         t.add_row(k, str(v))
     Console().print(t)
     print(f"dataset: {Path(store) / record['path']} (card: README.md beside it)")
@@ -461,7 +505,7 @@ def print_rounds(rows: list[dict], n: int) -> None:
 
 
 COMMANDS = {"demo": cmd_demo, "init": cmd_init, "migrate": cmd_migrate, "status": cmd_status, "prompts": cmd_prompts, "generate": cmd_generate,
-            "score": cmd_score, "build": cmd_build, "sql": cmd_sql, "train": cmd_train, "train-online": cmd_train_online, "rounds": cmd_rounds,
+            "score": cmd_score, "build": cmd_build, "sql": cmd_sql, "export": cmd_export, "train": cmd_train, "train-online": cmd_train_online, "rounds": cmd_rounds,
             "serve": cmd_serve, "report": cmd_report}
 
 if __name__ == "__main__":

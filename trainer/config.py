@@ -8,6 +8,7 @@ them, flags override the file, and every description shows in `--help`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -30,6 +31,9 @@ class TrainConfig(Config):
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
     seed: int = Field(0, description="seed of the batch order")
     device: str | None = Field(None, pattern=DEVICE_PATTERN, description="cpu, cuda, cuda:N or mps; none picks cuda when available (bf16 autocast on cuda)")
+    precision: Literal["auto", "fp32", "bf16-autocast"] = Field(
+        "auto", description="auto follows the pool's recorded policy (else bf16-autocast on cuda, fp32 elsewhere); "
+                            "another policy than the pool's is refused (bond_data/precision.py)")
 
 
 class OnlineConfig(Config):

@@ -7,6 +7,7 @@ import contextlib
 
 import torch
 
+from bond_data import precision as precision_policy
 from trainer.losses import sequence_logprobs
 
 
@@ -30,10 +31,10 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def completion_logprobs(model, rows: list[dict], device: torch.device) -> torch.Tensor:
+def completion_logprobs(model, rows: list[dict], device: torch.device, precision: str = "auto") -> torch.Tensor:
     """[B] log model(completion | prompt), summed over the completion's tokens (with gradient
-    unless called under no_grad / inference_mode)."""
+    unless called under no_grad / inference_mode), under a bond_data.precision policy (auto: by device)."""
     input_ids, attention, labels, mask = collate(rows, device)
-    with autocast(device):
+    with precision_policy.autocast(precision_policy.resolve(precision, device), device):
         logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]  # [B, T-1, V]
     return sequence_logprobs(logits, labels, mask)  # [B]

@@ -15,7 +15,9 @@ How this differs from the paper:
    built before `bon_weight_pool` existed use `bon_weight` for both terms;
 3. log A is the dataset's `target_logprob`: the anchor's log-prob, or with `bond build --target
    sampler` the log-prob under the tempered sampler that drew the pool (older datasets:
-   `anchor_logprob`).
+   `anchor_logprob`);
+4. log pi is computed under the precision policy the pool's log A was (bond_data/precision.py:
+   fp32, or bf16 autocast with an fp32 LM head), so that rho = pi/A is 1 at initialisation.
 
     bond train --store DIR --round R [--beta 0.5 --eta 0 ...]          # one process
     torchrun --nproc_per_node=2 -m trainer.train --store DIR --round R  # DDP (gloo on CPU, nccl on GPU)
@@ -35,6 +37,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
+from bond_data import precision as precision_policy
 from bond_data.backends.hf import prompt_token_ids
 from bond_data.config import add_config_flags
 from bond_data.device import resolve_device
@@ -42,7 +45,7 @@ from bond_data.store import Store, StoreError
 from trainer import checkpoints
 from trainer.anchor import ema_update
 from trainer.config import TrainConfig
-from trainer.logprobs import autocast, collate
+from trainer.logprobs import collate
 from trainer.losses import jeffreys_loss, sequence_logprobs
 from trainer.metrics import MetricsLog
 
@@ -65,10 +68,13 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
         return {"round": cfg.round, "next_anchor": done, "skipped": True}
 
     dataset = _dataset_record(store, cfg)
+    pool = precision_policy.pool_precision(store.sampling_settings(cfg.round))
+    precision = precision_policy.check_training(cfg.precision, pool, device, cfg.round)  # before anything is written
     run_dir = store.root / "train" / f"round={cfg.round}" / dataset["dataset_id"]
     resume = checkpoints.latest_checkpoint(run_dir)
     anchor = store.anchor(cfg.round)
     policy, tokenizer = checkpoints.load_policy(resume or anchor["anchor_path"], device)
+    precision_policy.fp32_head(policy)
     ema = {k: v.detach().clone() for k, v in policy.state_dict().items()} if cfg.eta > 0 else None
     model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
 
@@ -84,7 +90,7 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
     while step < len(plan):
         t0 = time.perf_counter()
         batch = [[rows[i] for i in micro] for micro in plan[step][rank]]
-        metrics = train_step(model, batch, cfg.beta, cfg.gamma, global_rows, world, device)  # forward + backward
+        metrics = train_step(model, batch, cfg.beta, cfg.gamma, global_rows, world, device, precision)  # fwd + bwd
         metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
         opt.step()
         sched.step()
@@ -97,8 +103,8 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
             _checkpoint(run_dir / f"step-{step}", policy, tokenizer, opt, sched, ema, step, rank, world)
     log.close()
 
-    result = _refresh_anchor(store, cfg, dataset, anchor, policy, tokenizer, ema, rank, world)
-    return {**result, "steps": len(plan), "last_step": metrics}  # last_step: {} when resumed at the end
+    result = _refresh_anchor(store, cfg, dataset, anchor, policy, tokenizer, ema, rank, world, precision)
+    return {**result, "steps": len(plan), "precision": precision, "pool_precision": pool, "last_step": metrics}  # last_step: {} when resumed at the end
 
 
 # ---- setup -----------------------------------------------------------------------------------
@@ -129,7 +135,8 @@ def _load_rows(path: Path, tokenizer) -> list[dict]:
     columns = sorted({"prompt", "messages", "token_ids", "bon_weight", weight_pool, logp_anchor})
     rows = []
     for r in pq.read_table(path, columns=columns).to_pylist():
-        messages = json.loads(r["messages"]) if r["messages"] else None
+        messages = r["messages"]  # [{role, content}]; datasets built before it became a list hold JSON text
+        messages = json.loads(messages) if isinstance(messages, str) else messages or None
         prompt = prompt_token_ids(tokenizer, r["prompt"], messages)
         rows.append({"prompt": prompt, "completion": r["token_ids"], "weight": r["bon_weight"],
                      "weight_pool": r[weight_pool], "logp_anchor": r[logp_anchor]})
@@ -157,10 +164,11 @@ def _batch_plan(rows: list[dict], micro_batch_size: int, grad_accum: int, epochs
 
 # ---- one optimizer step ----------------------------------------------------------------------
 def train_step(model, micro_batches: list[list[dict]], beta: float, gamma: float, global_rows: int, world: int,
-               device: torch.device) -> dict:
+               device: torch.device, precision: str = "auto") -> dict:
     """Forward + backward over this rank's micro-batches of rows (prompt ids, completion ids, weight,
     weight_pool, log A); losses scaled so that the summed (and DDP-averaged) gradient is that of the mean over
-    the `global_rows` rows of the global batch."""
+    the `global_rows` rows of the global batch. `precision`: bond_data/precision.py (auto: by device)."""
+    precision = precision_policy.resolve(precision, device)
     totals = {"loss": 0.0, "forward": 0.0, "backward": 0.0, "anchor_kl": 0.0, "log_ratio": 0.0, "tokens": 0}
     for i, batch in enumerate(micro_batches):
         input_ids, attention, labels, mask = collate(batch, device)
@@ -169,7 +177,7 @@ def train_step(model, micro_batches: list[list[dict]], beta: float, gamma: float
         logp_anchor = torch.tensor([r["logp_anchor"] for r in batch], device=device, dtype=torch.float32)
         sync = contextlib.nullcontext() if i == len(micro_batches) - 1 or world == 1 else model.no_sync()
         with sync:
-            with autocast(device):
+            with precision_policy.autocast(precision, device):
                 logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]  # [B, T-1, V]
             logp_policy = sequence_logprobs(logits, labels, mask)  # [B]
             terms = jeffreys_loss(logp_policy, logp_anchor, weight, beta, gamma, weight_pool)
@@ -204,13 +212,14 @@ def _restore(folder: Path, opt, sched, ema) -> int:
 
 
 def _refresh_anchor(store: Store, cfg: TrainConfig, dataset: dict, anchor: dict, policy, tokenizer, ema,
-                    rank: int, world: int) -> dict:
+                    rank: int, world: int, precision: str) -> dict:
     """Write A_{t+1} (EMA or hard refresh) atomically, then register it: that starts round t + 1."""
     folder = store.root / "anchors" / f"round={cfg.round + 1}"
     if rank == 0:
         if ema is not None:
             policy.load_state_dict(ema)
-        meta = {"parent_round": cfg.round, "parent_hash": anchor["anchor_hash"], "dataset_id": dataset["dataset_id"]}
+        meta = {"parent_round": cfg.round, "parent_hash": anchor["anchor_hash"], "dataset_id": dataset["dataset_id"],
+                "precision": precision}
         digest = checkpoints.save_checkpoint(folder, policy, tokenizer, meta=meta)
         store.register_anchor(cfg.round + 1, str(folder), digest, parent_round=cfg.round,
                               config={**cfg.model_dump(), **meta})

@@ -15,6 +15,9 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 32
+    # bond_data.precision: the policy log A is computed under (transformers backend; auto = by device).
+    # A shard records the resolved one, so the trainer can follow it.
+    precision: str = "auto"
 
 
 @dataclass
@@ -37,8 +40,23 @@ class Completion:
     sample_logprob: float  # log q(y) under the sampler that drew it
 
 
+def prompt_token_ids(tokenizer, prompt: str, messages: list[dict] | None) -> list[int]:
+    """Token ids of a prompt: the chat template for messages, the plain text otherwise. Every backend
+    and the trainer call this, so the trainer scores completions after exactly the context they were
+    sampled in. Special tokens are added once: by the chat template (its text is tokenized without
+    adding any), or by the tokenizer for plain text."""
+    if messages is not None:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
 class Backend(Protocol):
     name: str
+
+    def precision(self, sampling: Sampling) -> str:
+        """The precision policy this backend computes log A under for `sampling` (recorded in the lineage)."""
+        ...
 
     def generate(self, jobs: list[PromptJob], sampling: Sampling) -> list[list[Completion]]:
         """One list of completions per job, in the order of its sample_indices."""

@@ -3,14 +3,22 @@
 Rows are (prompt, sample) pairs sorted by prompt length and cut into micro-batches of
 `batch_size`, left-padded, and decoded with `model.generate` (KV cache). Sampling is done by
 `SeededGumbelSampler` inside greedy decoding, so each row draws its noise from its own seed.
+
+Precision (`bond_data.precision`): fp32 weights always; under `bf16-autocast` decoding runs in
+one autocast region (its cache casts each weight to bf16 once per batch, not per step) and log A is
+then recomputed by one teacher-forced pass shaped like the trainer's, so that the trainer's
+log pi equals it at initialisation; under `fp32` the decode's own log-probs already agree.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from bond_data.backends.base import Completion, PromptJob, Sampling
+from bond_data import precision as precision_policy
+from bond_data.backends.base import Completion, PromptJob, Sampling, prompt_token_ids  # the trainer imports the last here
 from bond_data.device import resolve_device
 
 _MASK64 = (1 << 64) - 1
@@ -96,15 +104,6 @@ def _top_p_renormalised(logq: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.log_softmax(logq.masked_fill(drop, float("-inf")), dim=-1)
 
 
-def prompt_token_ids(tokenizer, prompt: str, messages: list[dict] | None) -> list[int]:
-    """Token ids of a prompt: the chat template for messages, the plain text otherwise. The
-    trainer calls this too, so it scores completions after exactly the context they were sampled in."""
-    if messages is not None:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(prompt)["input_ids"]
-
-
 class TransformersBackend:
     """Seeded, batched sampling from a causal LM in memory (`from_pretrained` loads a folder)."""
 
@@ -112,6 +111,7 @@ class TransformersBackend:
 
     def __init__(self, model, tokenizer, device: torch.device, batch_size: int = 64):
         self.model, self.tokenizer, self.device, self.batch_size = model, tokenizer, device, batch_size
+        precision_policy.fp32_head(self.model)  # logits in fp32 under any policy (a no-op in fp32)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -124,9 +124,12 @@ class TransformersBackend:
     @classmethod
     def from_pretrained(cls, model_dir: str, batch_size: int = 64, device: str | None = None) -> TransformersBackend:
         dev = resolve_device(device)
-        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(dev).eval()
+        # fp32 weights under every policy: the trainer's are fp32 too (bf16-autocast casts in matmuls)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev).eval()
         return cls(model, AutoTokenizer.from_pretrained(model_dir), dev, batch_size)
+
+    def precision(self, sampling: Sampling) -> str:
+        return precision_policy.resolve(sampling.precision, self.device)
 
     def render(self, job: PromptJob) -> list[int]:
         return prompt_token_ids(self.tokenizer, job.prompt, job.messages)
@@ -138,9 +141,14 @@ class TransformersBackend:
             rows += [(j, s, ids, seed) for s, seed in enumerate(job.seeds)]
         rows.sort(key=lambda r: len(r[2]))  # similar lengths share a batch: less padding
         out: list[list[Completion | None]] = [[None] * len(job.seeds) for job in jobs]
+        policy = self.precision(sampling)
         for start in range(0, len(rows), self.batch_size):
             batch = rows[start : start + self.batch_size]
-            for (j, s, _, _), completion in zip(batch, self._generate_batch(batch, sampling)):
+            with precision_policy.autocast(policy, self.device):
+                completions = self._generate_batch(batch, sampling)
+                if policy != "fp32":
+                    completions = self._teacher_forced(batch, completions, sampling)
+            for (j, s, _, _), completion in zip(batch, completions):
                 out[j][s] = completion
         return out  # type: ignore[return-value]
 
@@ -157,6 +165,29 @@ class TransformersBackend:
         new = seqs[:, prompt_len:]  # [B, T]
         anchor_logp, sample_logp = sampler.finish(new[:, -1])
         return [self._completion(new[b], anchor_logp[b], sample_logp[b]) for b in range(len(batch))]
+
+    @torch.inference_mode()
+    def _teacher_forced(self, batch: list[tuple], completions: list[Completion], sampling: Sampling) -> list[Completion]:
+        """log A of each completion from one full forward pass over prompt + completion, right-padded
+        exactly as the trainer collates a micro-batch (trainer/logprobs.py), instead of summed over
+        KV-cache decode steps, which round differently in bf16. `sample_logprob` follows it when the
+        sampler is the anchor (temperature 1, top_p 1); a tempered sampler's stays the decode's."""
+        seqs = [r[2] + c.token_ids for r, c in zip(batch, completions)]
+        width = max(map(len, seqs))
+        input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        attention = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width - 1)
+        for b, (r, seq) in enumerate(zip(batch, seqs)):
+            input_ids[b, : len(seq)] = torch.tensor(seq)
+            attention[b, : len(seq)] = 1
+            mask[b, len(r[2]) - 1 : len(seq) - 1] = 1  # position t predicts token t + 1
+        input_ids, attention, mask = input_ids.to(self.device), attention.to(self.device), mask.to(self.device)
+        logits = self.model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]  # [B, T-1, V]
+        token_logp = torch.log_softmax(logits.float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [B, T-1]
+        logp = (token_logp * mask).sum(-1).double().tolist()  # [B]
+        untempered = sampling.temperature == 1.0 and sampling.top_p == 1.0
+        return [dataclasses.replace(c, anchor_logprob=lp, sample_logprob=lp if untempered else c.sample_logprob)
+                for c, lp in zip(completions, logp)]
 
     def _completion(self, tokens: torch.Tensor, anchor_logp: torch.Tensor, sample_logp: torch.Tensor) -> Completion:
         """Cut after the first EOS (generate pads finished rows) and sum the kept log-probs."""

@@ -8,14 +8,21 @@ for the sampled token's log-prob; vLLM reports raw model log-probs (before tempe
 its default `logprobs_mode`), which is `anchor_logprob` exactly; `sample_logprob` gets the same raw
 value, so it equals the sampler's log-prob only at temperature 1 and top_p 1 (the default).
 
+Prompts go in as token ids (`{"prompt_token_ids": ids}`, vLLM's `TokensPrompt`), rendered by the
+same `prompt_token_ids` the trainer uses: passing text would let vLLM tokenize it again, adding a
+second BOS after a chat template's own, and the trainer would score another context. Log-probs come
+from vLLM's kernels in its engine dtype, which no trainer precision reproduces: the lineage records
+`precision` as `vllm-<dtype>` (bond_data/precision.py).
+
 Only `to_completions` runs without a GPU (it is tested with stand-in output objects).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
-from bond_data.backends.base import Completion, PromptJob, Sampling
+from bond_data.backends.base import Completion, PromptJob, Sampling, prompt_token_ids
 
 
 def sampling_params(job: PromptJob, sampling: Sampling):
@@ -49,19 +56,27 @@ def to_completions(request_output) -> list[Completion]:
 class VLLMBackend:
     name = "vllm"
 
-    def __init__(self, model_dir: str, **engine_args):
-        from vllm import LLM
+    def __init__(self, model_dir: str, llm=None, **engine_args):
+        """`llm`: an `LLM` already built (tests pass a stand-in); otherwise one from model_dir and engine_args."""
+        if llm is None:
+            from vllm import LLM
 
-        self.llm = LLM(model=model_dir, **engine_args)
+            llm = LLM(model=model_dir, **engine_args)
+        self.llm = llm
         self.tokenizer = self.llm.get_tokenizer()
+        self.dtype = str(engine_args.get("dtype", "auto"))
+        with contextlib.suppress(AttributeError):  # the dtype "auto" resolved to
+            self.dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
 
-    def render(self, job: PromptJob) -> str:
-        if job.messages is not None:
-            return self.tokenizer.apply_chat_template(job.messages, add_generation_prompt=True, tokenize=False)
-        return job.prompt
+    def precision(self, sampling: Sampling) -> str:
+        return f"vllm-{self.dtype}"
+
+    def render(self, job: PromptJob) -> list[int]:
+        """The prompt's ids, as the trainer renders them."""
+        return prompt_token_ids(self.tokenizer, job.prompt, job.messages)
 
     def generate(self, jobs: list[PromptJob], sampling: Sampling) -> list[list[Completion]]:
-        prompts = [self.render(j) for j in jobs]
+        prompts = [{"prompt_token_ids": self.render(j)} for j in jobs]  # a TokensPrompt each: not re-tokenized
         params = [sampling_params(j, sampling) for j in jobs]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [to_completions(o) for o in outputs]

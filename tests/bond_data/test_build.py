@@ -130,6 +130,6 @@ def test_the_streamed_sql_summary_equals_numpy(store):
     run_scoring(store)
     record = build.build_dataset(store, 0, n=4)
     expected = build.dataset_summary(pq.read_table(store.root / record["path"]))
-    assert record["card"].keys() == expected.keys() | {"weighting", "target"}
+    assert record["card"].keys() == expected.keys() | {"weighting", "target", "license", "anchor_hash"}
     for key, value in expected.items():
         assert record["card"][key] == pytest.approx(value, rel=1e-12), key

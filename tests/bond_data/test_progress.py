@@ -87,7 +87,7 @@ def test_stage_progress_lines_and_summaries_match_the_store(store, capsys, monke
 
     rewards = np.array(store.query("SELECT reward FROM scores WHERE round = 0").column("reward").to_pylist())
     r = sco["rewards"]
-    assert r["count"] == 40 and np.isclose(r["mean"], rewards.mean()) and np.isclose(r["std"], rewards.std())
+    assert r["scored"] == 40 and np.isclose(r["mean"], rewards.mean()) and np.isclose(r["std"], rewards.std())
     assert (r["min"], r["max"]) == (rewards.min(), rewards.max())
     assert stages.score_summary(sco).endswith(f"40 rewards in the round: mean {rewards.mean():.4f}, "
                                               f"std {rewards.std():.4f}, min {rewards.min():.4f}, max {rewards.max():.4f}")

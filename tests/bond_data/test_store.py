@@ -170,3 +170,28 @@ def test_the_duckdb_cli_from_pip_reads_the_store(store, tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-2:] == ["n,w,wp,big", "20,1.0,1.0,0"]  # n = 3 > k = 2: NULL
+
+
+@pytest.mark.slow  # about 10 s here: two reward models over a generated pool
+def test_pool_and_score_summaries_equal_a_loop_over_the_rows(store):
+    """The figures of the generate and score stages' summary lines and Prefect artifacts."""
+    import statistics
+
+    run_generation(store, k=2, max_new_tokens=4, shard_prompts=10)
+    rm_id = run_scoring(store)
+    run_scoring(store, spec="rewards_for_tests:length", rm_id="len")  # another reward model is not mixed in
+    rows = store.query("SELECT prompt_id, num_tokens, finish_reason FROM candidates").to_pylist()
+    pool = store.pool_summary(0)
+    assert pool == {"round": 0, "shards": len(store.registered_shards("candidates", 0)),
+                    "prompts": len({r["prompt_id"] for r in rows}), "candidates": len(rows),
+                    "tokens": sum(r["num_tokens"] for r in rows),
+                    "stop": sum(r["finish_reason"] == "stop" for r in rows),
+                    "length": sum(r["finish_reason"] == "length" for r in rows)}
+    assert pool["candidates"] == 20 and pool["stop"] + pool["length"] == 20
+    rewards = store.query("SELECT reward FROM scores WHERE rm_id = ?", [rm_id]).column("reward").to_pylist()
+    summary = store.score_summary(0, rm_id)
+    assert summary["scored"] == len(rewards) == 20
+    assert summary["mean"] == pytest.approx(statistics.fmean(rewards))
+    assert summary["std"] == pytest.approx(statistics.pstdev(rewards))
+    assert (summary["min"], summary["max"]) == (min(rewards), max(rewards))
+    assert store.pool_summary(1)["candidates"] == 0 and store.score_summary(1, rm_id)["scored"] == 0

@@ -65,8 +65,13 @@ def test_rounds_killed_mid_run_then_rerun_duplicate_nothing(prefect_server, stor
     assert store.query("SELECT count(*) c FROM datasets").to_pylist() == [{"c": 2}]
 
 
-def test_serve_builds_a_cron_deployment(store):
+def test_serve_builds_a_cron_deployment(store, tmp_path, monkeypatch):
+    from prefect.flows import load_flow_from_entrypoint
+
+    monkeypatch.chdir(tmp_path)  # the entrypoint does not depend on where `bond serve` started
     d = rounds_deployment(str(store.root), "0 3 * * *", 3, generate=GEN, score=ScoreConfig(rm=REWARD).model_dump(),
                           build=BuildConfig(n=2).model_dump(), train=TRAIN, name="nightly")
     assert d.name == "nightly" and d.parameters["num"] == 3 and d.parameters["store"] == str(store.root)
     assert [s.schedule.cron for s in d.schedules] == ["0 3 * * *"]
+    assert d.entrypoint == "flows.round.bond_rounds" and f"store:{store.root}" in d.tags
+    assert load_flow_from_entrypoint(d.entrypoint).name == "bond-rounds"

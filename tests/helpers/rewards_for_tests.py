@@ -8,6 +8,11 @@ def letter_count(batch):
     return [float(len({ch for ch in c if "a" <= ch <= "z"}) % 4) for _, c in batch]
 
 
+def letter_count_flat_on_tie(batch):
+    """letter_count, except 1.0 for every completion of a prompt holding "tie": a pool with no spread."""
+    return [1.0 if "tie" in p else r for (p, _), r in zip(batch, letter_count(batch))]
+
+
 def length(batch):
     return [float(len(c)) for _, c in batch]
 
