@@ -31,7 +31,7 @@ def two_rounds(tmp_path_factory, untrained_model, prefect_server):
     """A store after `bond rounds --num 1` and then `--num 2` (the CLI, in subprocesses, output
     captured as a pipe); yields the store, the held-out prompts and the second run's output."""
     root = tmp_path_factory.mktemp("reports")
-    store = Store(root / "store")
+    store = Store(root / "reports-store")  # its own artifact keys: they are named after the folder
     store.register_anchor(0, str(untrained_model), folder_sha256(untrained_model))
     add_prompts(store, write_jsonl(root / "prompts.jsonl", [{"prompt": f"sort: {w} ="} for w in WORDS]))
     held_out = write_jsonl(root / "held_out.jsonl", [{"prompt": f"sort: {w} ="} for w in ("cab", "fed", "jig")])
