@@ -226,7 +226,7 @@ def run_task(name: str, out: Path, quick: bool, seeds: list[int], k: int, online
     task = load_task(name)
     pool = evaluate.ensure_eval_pool(out / f"{name}-eval", str(task.model_dir), str(task.eval_prompts_file),
                                      task.reward, k=EVAL_POOL_K)
-    result = {"rows": [], "online": [], "bon_kl": {n: evaluate.bon_kl_on_pool(evaluate._read_pool(pool), n)
+    result = {"rows": [], "online": [], "bon_kl": {n: evaluate.bon_kl_on_pool(evaluate.read_pool(pool), n)
                                                    for n in (1, 2, 4, 8, 16, 32)}}
     for seed in seeds:
         work = out / name / f"seed{seed}"

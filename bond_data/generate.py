@@ -21,6 +21,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from bond_data import schema
 from bond_data.backends import load_backend
@@ -61,6 +63,19 @@ def generate_shard(store_root: str, plan: dict, anchor: dict, backend: str, samp
     table = candidate_table(plan["round"], jobs, completions, anchor["anchor_hash"], model.name, sampling)
     write_parquet_atomic(table, out)
     return shard_manifest(root, out, "candidates", plan["shard_id"], round=plan["round"])
+
+
+def generation_stats(store_root: Path, manifests: list[dict], seconds: float) -> dict:
+    """Candidates, tokens, tokens/s and finish reasons (`stop`: end of sequence, `length`: cut at
+    max_new_tokens) of the shards one run wrote, read back from the shards themselves."""
+    if not manifests:
+        return {"candidates": 0, "tokens": 0, "seconds": seconds, "tokens_per_s": 0.0, "finish_reasons": {}}
+    table = pa.concat_tables([pq.read_table(Path(store_root) / m["path"], columns=["num_tokens", "finish_reason"])
+                              for m in manifests])
+    tokens = int(pc.sum(table.column("num_tokens")).as_py() or 0)
+    reasons = {r["values"]: int(r["counts"]) for r in pc.value_counts(table.column("finish_reason")).to_pylist()}
+    return {"candidates": table.num_rows, "tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds if seconds > 0 else 0.0, "finish_reasons": reasons}
 
 
 def candidate_table(round_: int, jobs: list[PromptJob], completions: list[list[Completion]],

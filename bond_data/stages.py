@@ -12,10 +12,12 @@ from planning to its last registration: a second writer is refused at once, read
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 from bond_data import build, generate, score
 from bond_data.backends.base import Sampling
+from bond_data.progress import Progress
 from bond_data.store import Store, StoreError
 
 # run_shards(fn, calls) runs fn(*args) for each args in calls and yields the manifests, in any order
@@ -27,12 +29,16 @@ def run_serially(fn: Callable[..., dict], calls: list[tuple]) -> Iterable[dict]:
         yield fn(*args)
 
 
-def register_as_completed(store: Store, manifests: Iterable[dict]) -> int:
-    """Register each shard the moment it is written: a crash later loses none of them."""
-    done = 0
+def register_as_completed(store: Store, manifests: Iterable[dict], progress: Progress | None = None,
+                          shards: int = 0) -> list[dict]:
+    """Register each shard the moment it is written (a crash later loses none of them) and count
+    its rows on the stage's progress bar; the manifests registered."""
+    done = []
     for manifest in manifests:
         store.register_shards([manifest])
-        done += 1
+        done.append(manifest)
+        if progress is not None:
+            progress.advance(manifest["num_rows"], note=f"{len(done)}/{shards} shards")
     return done
 
 
@@ -58,11 +64,25 @@ def generate_round(store: Store, round_: int, k: int, sampling: Sampling, shard_
                    backend: str = "transformers", batch_size: int = 64, device: str | None = None,
                    engine_args: dict | None = None, run_shards: ShardRunner = run_serially) -> dict:
     """Sample the round's missing candidates (k per prompt) from its registered anchor."""
+    t0 = time.perf_counter()
     with store.writing(f"bond generate --round {round_} --k {k}"):
         anchor, plans = plan_generate(store, round_, k, shard_prompts)
         calls = [(str(store.root), plan, anchor, backend, sampling, batch_size, device, engine_args) for plan in plans]
-        done = register_as_completed(store, run_shards(generate.generate_shard, calls))
-    return {"round": round_, "k": k, "shards_generated": done}
+        rows = sum(len(job["sample_indices"]) for plan in plans for job in plan["jobs"])
+        with Progress(f"generate round {round_}", rows, "candidates") as bar:
+            done = register_as_completed(store, run_shards(generate.generate_shard, calls), bar, len(plans))
+    stats = generate.generation_stats(store.root, done, time.perf_counter() - t0)
+    return {"round": round_, "k": k, "shards_generated": len(done), **stats}
+
+
+def generate_summary(result: dict) -> str:
+    """The one line a generate run ends with: candidates, tokens, tokens/s, finish reasons."""
+    head = f"round {result['round']}: generated {result['shards_generated']} shard(s)"
+    if not result["shards_generated"]:
+        return f"{head}: nothing missing at k = {result['k']}"
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(result["finish_reasons"].items()))
+    return (f"{head}, {result['candidates']} candidates (k = {result['k']}), {result['tokens']} tokens in "
+            f"{result['seconds']:.1f} s ({result['tokens_per_s']:.0f} tokens/s); finish: {reasons}")
 
 
 # ---- score -------------------------------------------------------------------------------------
@@ -100,6 +120,7 @@ def score_round(store: Store, round_: int, spec: str, rm_id: str | None = None, 
         if todo:
             score.try_reward_model(str(store.root), todo[0], prompt_files, spec, rid, device)
         calls = [(str(store.root), m, prompt_files, spec, rid, batch_size, device) for m in todo]
+        rows = sum(m["num_rows"] for m in todo)
 
         def with_reward_model(manifests: Iterable[dict]) -> Iterable[dict]:
             for i, manifest in enumerate(manifests):
@@ -107,8 +128,20 @@ def score_round(store: Store, round_: int, spec: str, rm_id: str | None = None, 
                     store.register_reward_model(rid, rhash, spec)
                 yield manifest
 
-        done = register_as_completed(store, with_reward_model(run_shards(score.score_shard, calls)))
-    return {"round": round_, "rm_id": rid, "shards_scored": done}
+        with Progress(f"score round {round_} ({rid})", rows, "rewards") as bar:
+            done = register_as_completed(store, with_reward_model(run_shards(score.score_shard, calls)), bar, len(todo))
+        rewards = store.score_summary(round_, rid)
+    return {"round": round_, "rm_id": rid, "shards_scored": len(done), "rewards": rewards}
+
+
+def score_summary(result: dict) -> str:
+    """The one line a score run ends with: the round's rewards under this reward model."""
+    head = f"round {result['round']}: scored {result['shards_scored']} shard(s) with {result['rm_id']}"
+    r = result.get("rewards")
+    if not r or not r["scored"]:
+        return f"{head}; no rewards in the store yet"
+    return (f"{head}; {r['scored']} rewards in the round: mean {r['mean']:.4f}, std {r['std']:.4f}, "
+            f"min {r['min']:.4f}, max {r['max']:.4f}")
 
 
 # ---- build -------------------------------------------------------------------------------------
@@ -122,7 +155,10 @@ def check_build(store: Store, round_: int, n: int, rm_id: str | None, weighting:
 def build_round(store: Store, round_: int, n: int, rm_id: str | None = None, weighting: str = "unbiased",
                 target: str = "anchor", license: str = "other") -> dict:
     """Write (or find) the round's Best-of-n weighted dataset; its catalog record and summary."""
-    return build.build_dataset(store, round_, n, rm_id, weighting, target, license)
+    with Progress(f"build round {round_}", 1, "dataset") as bar:
+        record = build.build_dataset(store, round_, n, rm_id, weighting, target, license)
+        bar.advance(1)
+    return record
 
 
 def curate_round(store: Store, round_: int, k: int, reward: str, n: int, max_new_tokens: int = 16) -> dict:

@@ -454,6 +454,28 @@ class Store:
         rows = self.query("SELECT round, anchor_path, anchor_hash FROM rounds WHERE round = ?", [round_]).to_pylist()
         return rows[0] if rows else None
 
+    def report_facts(self) -> dict:
+        """What the round reports read, from one snapshot: anchors by round (registration config
+        parsed: a trained one names its dataset), datasets by id, per round the candidates' count,
+        tokens and finish reasons (`stop`: end of sequence, `length`: cut at max_new_tokens), and
+        per (round, reward model) the rewards' count, mean, std (population), min and max."""
+        with self.reader() as con:
+            def rows(sql: str) -> list[dict]:
+                return con.sql(sql).to_arrow_table().to_pylist()
+
+            anchors = rows("SELECT round, anchor_path, anchor_hash, parent_round, config FROM rounds ORDER BY round")
+            datasets = rows("SELECT * FROM datasets ORDER BY round, dataset_id")
+            generation = rows(
+                "SELECT round, count(*)::BIGINT AS candidates, coalesce(sum(num_tokens), 0)::BIGINT AS tokens, "
+                "count(*) FILTER (WHERE finish_reason = 'stop')::BIGINT AS stop, "
+                "count(*) FILTER (WHERE finish_reason = 'length')::BIGINT AS length FROM candidates GROUP BY round")
+            rewards = rows(
+                "SELECT round, rm_id, count(*)::BIGINT AS count, avg(reward) AS mean, stddev_pop(reward) AS std, "
+                "min(reward) AS min, max(reward) AS max FROM scores GROUP BY round, rm_id ORDER BY round, rm_id")
+        return {"anchors": {a["round"]: {**a, "config": json.loads(a["config"] or "{}")} for a in anchors},
+                "datasets": {d["dataset_id"]: d for d in datasets},
+                "generation": {g["round"]: g for g in generation}, "rewards": rewards}
+
     def reward_model_ids(self, round_: int) -> list[str]:
         rows = self.query("SELECT DISTINCT rm_id FROM shards WHERE kind = 'scores' AND round = ? ORDER BY 1", [round_])
         return rows.column("rm_id").to_pylist()

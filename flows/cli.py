@@ -15,6 +15,7 @@ Every subcommand parses its flags into a config, then makes one call into a flow
     bond train-online --policy DIR --prompts FILE --out DIR [--rm SPEC --steps S ...]   online J-BOND
     bond rounds    --store DIR --num M [--n 2 --k 8 ...]          iterative BOND, resumable
     bond serve     --store DIR --num M [--cron "0 3 * * *"] [--pool P]   the rounds flow as a deployment
+    bond report    --store DIR                          rebuild reports/ (every round, index.md / .html)
 
 Flags come from the configs' fields (`--help` shows each one's description and default); one
 meaning per flag everywhere: `--rm` is a reward-model spec, `--rm-id` its id in the store.
@@ -33,7 +34,7 @@ from pathlib import Path
 import flows  # noqa: F401  (sets Prefect's environment defaults before Prefect is imported)
 from bond_data.config import BuildConfig, GenerateConfig, ScoreConfig, add_config_flags
 from bond_data.tasks.tiny import REWARD_SPEC as TINY_REWARD
-from trainer.config import TINY_TRAIN, OnlineConfig, TrainConfig
+from trainer.config import TINY_TRAIN, EvalConfig, OnlineConfig, TrainConfig
 
 RM_HELP = f"reward model: a sequence-classification folder or module:function (default {TINY_REWARD})"
 
@@ -96,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
                            else "serve the rounds flow as a Prefect deployment on a cron schedule")
         p.add_argument("--store", required=True)
         p.add_argument("--num", type=int, required=True, help="rounds in all (done ones are skipped)")
-        p.add_argument("--config", help="YAML with sections generate, score, build, train")
+        p.add_argument("--config", help="YAML with sections generate, score, build, train, evaluate")
         p.add_argument("--n", type=int, help="Best-of-n per round (build.n)")
         p.add_argument("--k", type=int, help="samples per prompt (generate.k)")
         p.add_argument("--rm", help=f"{RM_HELP} (score.rm)")
@@ -109,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="the store at a glance: rounds, pools, scores, datasets, the next stage")
     p.add_argument("--store", required=True)
     p.add_argument("--format", choices=["table", "json"], default="table")
+
+    p = sub.add_parser("report", help="rebuild the store's reports from what it holds: every round's and the index")
+    p.add_argument("--store", required=True)
 
     p = sub.add_parser("migrate", help="move a store's DuckDB catalog of an earlier version to the manifest catalog")
     p.add_argument("--store", required=True)
@@ -318,12 +322,14 @@ def cmd_train_online(args) -> None:
     print(json.dumps(summary, default=str))
 
 
-SECTIONS = {"generate": GenerateConfig, "score": ScoreConfig, "build": BuildConfig, "train": TrainConfig}
+SECTIONS = {"generate": GenerateConfig, "score": ScoreConfig, "build": BuildConfig, "train": TrainConfig,
+            "evaluate": EvalConfig}
 
 
 def rounds_params(args) -> dict:
-    """generate / score / build / train sections: defaults <- YAML sections <- flags. A section or
-    key that does not exist is an error, as in every other config."""
+    """generate / score / build / train / evaluate sections: defaults <- YAML sections <- flags. A
+    section or key that does not exist is an error, as in every other config; so is a held-out
+    prompts file that is not there."""
     from bond_data.config import ConfigError, read_yaml_mapping
 
     source = args.config or "flags"
@@ -334,12 +340,16 @@ def rounds_params(args) -> dict:
     for name, value in sections.items():
         if not isinstance(value, dict | None):
             raise ConfigError(f"{source}: section '{name}' must be a mapping of keys, got {type(value).__name__}")
-    flags = {"generate": {"k": args.k}, "score": {"rm": args.rm}, "build": {"n": args.n}, "train": {}}
+    flags = {"generate": {"k": args.k}, "score": {"rm": args.rm}, "build": {"n": args.n}, "train": {}, "evaluate": {}}
     defaults = {"score": {"rm": TINY_REWARD}}
-    return {name: cls.validate_as({**defaults.get(name, {}), **(sections.get(name) or {}),
-                                   **{k: v for k, v in flags[name].items() if v is not None}},
-                                  f"{source} [{name}]").model_dump()
-            for name, cls in SECTIONS.items()}
+    params = {name: cls.validate_as({**defaults.get(name, {}), **(sections.get(name) or {}),
+                                     **{k: v for k, v in flags[name].items() if v is not None}},
+                                    f"{source} [{name}]").model_dump()
+              for name, cls in SECTIONS.items()}
+    held_out = params["evaluate"]["prompts"]
+    if held_out and params["evaluate"]["enabled"] and not Path(held_out).is_file():
+        raise ConfigError(f"{source} [evaluate]: field 'prompts': no such file {held_out}")
+    return params
 
 
 def cmd_rounds(args) -> None:
@@ -401,6 +411,16 @@ def cmd_export(args) -> None:
           f"datasets.{load}({out['to']!r})")
 
 
+def cmd_report(args) -> None:
+    from bond_data.store import Store, StoreError
+    from trainer.report import write_store_report
+
+    store = Store(args.store)
+    if not store.exists():
+        raise StoreError(f"no BOND store at {store.root}")
+    print(f"report: {write_store_report(store)} (and index.html beside it)")
+
+
 def cmd_sql(args) -> None:
     from bond_data.store import Store, read_only_query
 
@@ -443,31 +463,29 @@ def print_summary(record: dict, store: str) -> None:
 
 
 def cmd_demo(args) -> None:
-    """Iterative BOND on the tiny task, then each round's anchor evaluated against pi_0."""
+    """Iterative BOND on the tiny task; every round evaluates its new anchor against pi_0 on the
+    held-out prompts and writes its report (the same path as `bond rounds`)."""
     from bond_data.files import folder_sha256
     from bond_data.prompts import add_prompts
     from bond_data.store import Store
     from bond_data.tasks.tiny import ensure_tiny_task
     from flows.round import bond_rounds
-    from trainer import evaluate
+    from trainer.report import REPORTS, evaluation_rows, round_dir
 
+    if args.rounds < 1:
+        raise ValueError(f"--rounds {args.rounds}: the demo runs at least one round")
     task = ensure_tiny_task()
     store = Store(args.store)
     store.register_anchor(0, str(task.model_dir), folder_sha256(task.model_dir), config={"source": "tiny task"})
     add_prompts(store, task.prompts_file)
     bond_rounds(str(store.root), args.rounds, generate=GenerateConfig(k=args.k, max_new_tokens=16).model_dump(),
                 score=ScoreConfig(rm=task.reward).model_dump(), build=BuildConfig(n=args.n).model_dump(),
-                train=TrainConfig.load(TINY_TRAIN).model_dump())
-    pool = evaluate.ensure_eval_pool(store.root / "eval", str(task.model_dir), str(task.eval_prompts_file), task.reward)
-    # Best-of-N measured on the task (exact KL, ties included): the analytic law assumes a continuous reward
-    bon = evaluate.evaluate_best_of_ns(str(task.model_dir), pool, task.reward, [args.n**t for t in range(args.rounds + 1)])
-    rows = []
-    for t in range(args.rounds + 1):
-        m = evaluate.evaluate_policy(store.anchor(t)["anchor_path"], str(task.model_dir), pool, task.reward)
-        rows.append({"round": t, **m, "analytic": evaluate.analytic_row(args.n**t), "bon": bon[args.n**t]})
-    print_rounds(rows, args.n)
-    png = evaluate.plot_reward_vs_kl(rows, store.root / "rounds.png", args.n, bon=[{"N": n, **b} for n, b in bon.items()])
-    print(f"plot: {png}")
+                train=TrainConfig.load(TINY_TRAIN).model_dump(),
+                evaluate=EvalConfig(prompts=str(task.eval_prompts_file), rm=task.reward, max_new_tokens=16).model_dump())
+    last = args.rounds - 1
+    print_rounds(evaluation_rows(store, last), args.n)
+    print(f"report: {store.root / REPORTS / 'index.md'} (index.html beside it); "
+          f"plot: {round_dir(store.root, last) / 'reward_vs_kl.png'}")
     print(f'try: bond sql --store {args.store} "SELECT round, avg(reward) AS one_sample, '
           f'avg(bon_weight * reward) AS best_of_{args.n} FROM bon_pool({args.n}) GROUP BY round ORDER BY round"')
 
@@ -476,20 +494,22 @@ def print_rounds(rows: list[dict], n: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from trainer.report import num
+
     t = Table(title=f"iterative BOND, Best-of-{n} per round, evaluated on held-out prompts against pi_0's pool; "
                     "BoN: Best-of-N sampling measured the same way, its KL exact (ties included)")
     for col in ["round", "N = n^t", "reward", "BoN reward", "log p_le", "BoN log p_le", "KL(pi_t||pi_0)", "BoN KL"]:
         t.add_column(col, justify="right", no_wrap=True)
     for r in rows:
-        b = r["bon"]
-        t.add_row(str(r["round"]), str(r["analytic"]["N"]), f"{r['reward']:.4f}", f"{b['reward']:.4f}",
-                  f"{r['log_p_le']:.3f}", f"{b['log_p_le']:.3f}", f"{r['kl']:.3f}", f"{b['kl']:.3f}")
+        b = r["bon"] or dict.fromkeys(("reward", "log_p_le", "kl"))
+        t.add_row(str(r["round"]), str(r["N"]), f"{r['reward']:.4f}", num(b["reward"], 4),
+                  f"{r['log_p_le']:.3f}", num(b["log_p_le"], 3), f"{r['kl']:.3f}", num(b["kl"], 3))
     Console(width=max(Console().width, 110)).print(t)
 
 
 COMMANDS = {"demo": cmd_demo, "init": cmd_init, "migrate": cmd_migrate, "status": cmd_status, "prompts": cmd_prompts, "generate": cmd_generate,
             "score": cmd_score, "build": cmd_build, "sql": cmd_sql, "export": cmd_export, "train": cmd_train, "train-online": cmd_train_online, "rounds": cmd_rounds,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "report": cmd_report}
 
 if __name__ == "__main__":
     raise SystemExit(main())

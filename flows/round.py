@@ -3,7 +3,8 @@
     round t:  candidates ~ A_t (k per prompt) -> rewards -> exact Best-of-n weights -> dataset
               -> train (Jeffreys + EMA anchor) -> register A_{t+1}
     A_{t+1}'s registration is what round t + 1 starts from; after M rounds the policy approximates
-    Best-of-n^M of A_0.
+    Best-of-n^M of A_0. Then A_{t+1} is evaluated against pi_0 on held-out prompts and the round's
+    report written to reports/round=t/ (trainer/report.py).
 
 Each stage is its own subflow or task and skips what is done, so re-running after a crash resumes
 where it stopped: finished shards, datasets and rounds (a registered A_{t+1}) are skipped.
@@ -20,9 +21,10 @@ from prefect.runtime import flow_run
 
 from bond_data.config import BuildConfig, GenerateConfig, ScoreConfig
 from bond_data.store import Store, StoreError
+from flows.report import report_task
 from flows.stages import (artifact_key, build_figures, generate_figures, publish, retry_options, run_build,
                           run_generate, run_score, run_tags, score_figures)
-from trainer.config import TrainConfig
+from trainer.config import EvalConfig, TrainConfig
 
 
 @flow(name="bond-curate-round", flow_run_name="curate-r{generate[round]}")
@@ -68,16 +70,27 @@ def train_task(store: str, cfg: dict) -> dict:
 
 
 @flow(name="bond-round", flow_run_name="round-{round_}")
-def round_flow(store: str, round_: int, generate: dict, score: dict, build: dict, train: dict) -> dict:
+def round_flow(store: str, round_: int, generate: dict, score: dict, build: dict, train: dict,
+               evaluate: dict) -> dict:
     """One round: curate (generate, score, build), train, register the next anchor; its summary as
-    a Markdown artifact."""
+    a Markdown artifact; then evaluate the new anchor and write the round's report (trainer/report.py),
+    published as a second Markdown artifact."""
+    from pathlib import Path
+
+    from trainer.report import report_summary
+
     t = round_
     dataset = curate_round(store, {**generate, "round": t}, {**score, "round": t}, {**build, "round": t})
     result = train_task(store, {**train, "round": t, "dataset_id": dataset["dataset_id"]})
     print(train_line({**result, "round": t}))
     create_markdown_artifact(round_markdown(store, t, dataset, result), key=artifact_key(store, "round", t),
                              description=f"round {t} of {Store(store).root}")
-    return {"round": t, "dataset_id": dataset["dataset_id"], "next_anchor": result["next_anchor"]}
+    report = report_task(store, t, evaluate, score)
+    print(report_summary(report))
+    create_markdown_artifact(Path(report["report"]).read_text(), key=artifact_key(store, "report", t),
+                             description=f"round {t}'s report: {report['report']}")
+    return {"round": t, "dataset_id": dataset["dataset_id"], "next_anchor": result["next_anchor"],
+            "report": report["report"], "evaluation": report["evaluation"]}
 
 
 def round_markdown(store: str, t: int, dataset: dict, result: dict) -> str:
@@ -98,34 +111,41 @@ def _rounds_name() -> str:
 
 
 @flow(name="bond-rounds", flow_run_name=_rounds_name)
-def bond_rounds(store: str, num: int, generate: dict, score: dict, build: dict, train: dict) -> list[dict]:
+def bond_rounds(store: str, num: int, generate: dict, score: dict, build: dict, train: dict,
+                evaluate: dict | None = None) -> list[dict]:
     """Run rounds 0..num-1, each from the anchor the previous one registered."""
     st = Store(store)
     done = []
     with st.writing(f"bond rounds --num {num}"):
-        _run_rounds(st, num, generate, score, build, train, done)
+        _run_rounds(st, num, generate, score, build, train, evaluate or EvalConfig().model_dump(), done)
     return done
 
 
-def _run_rounds(st: Store, num: int, generate: dict, score: dict, build: dict, train: dict, done: list) -> None:
+def _run_rounds(st: Store, num: int, generate: dict, score: dict, build: dict, train: dict, evaluate: dict,
+                done: list) -> None:
+    from trainer.report import report_summary
+
     store = str(st.root)
     for t in range(num):
         if st.anchor(t) is None:
             raise StoreError(f"round {t} has no anchor: register round 0's with `bond init`")
         if st.anchor(t + 1) is not None:
             print(f"round {t}: done (anchor {t + 1} registered), skipping")
+            if not (st.root / "reports" / f"round={t}" / "report.md").is_file():  # a run stopped before its report
+                print(report_summary(report_task(store, t, evaluate, score)))
             continue
         with run_tags(store, t):
-            done.append(round_flow(store, t, generate, score, build, train))
+            done.append(round_flow(store, t, generate, score, build, train, evaluate))
 
 
 def rounds_deployment(store: str, cron: str | None, num: int, generate: dict, score: dict, build: dict, train: dict,
-                      name: str = "bond-rounds"):
+                      name: str = "bond-rounds", evaluate: dict | None = None):
     """A deployment of `bond-rounds` (what `bond serve` serves or puts on a work pool). Its
     entrypoint is the module path `flows.round.bond_rounds`: any process where the package is
     installed loads it, whatever its working directory."""
     from prefect.types.entrypoint import EntrypointType
 
-    params = {"store": store, "num": num, "generate": generate, "score": score, "build": build, "train": train}
+    params = {"store": store, "num": num, "generate": generate, "score": score, "build": build, "train": train,
+              "evaluate": evaluate or EvalConfig().model_dump()}
     return bond_rounds.to_deployment(name=name, cron=cron, parameters=params, tags=[f"store:{store}"],
                                      entrypoint_type=EntrypointType.MODULE_PATH)

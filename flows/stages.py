@@ -142,12 +142,9 @@ def generate_flow(store: str, cfg: dict) -> dict:
     result = stages.generate_round(st, c.round, c.k, sampling,
                                    c.shard_prompts, c.backend, c.batch_size, c.device, engine_args,
                                    run_shards=prefect_shards(c))
-    pool = st.pool_summary(c.round)
-    print(f"round {c.round}: generated {result['shards_generated']} shard(s); k = {c.k}; the round holds "
-          f"{pool['candidates']} candidates of {pool['prompts']} prompts, {pool['tokens']} tokens, "
-          f"{pool['length']} cut at max_new_tokens")
+    print(stages.generate_summary(result))  # this run: candidates, tokens, tokens/s, finish reasons
     publish(store, artifact_key(store, "generate", f"r{c.round}"), f"generate, round {c.round}",
-            generate_figures(pool, result))
+            generate_figures(st.pool_summary(c.round), result))
     return result
 
 
@@ -161,10 +158,8 @@ def score_flow(store: str, cfg: dict) -> dict:
     c = ScoreConfig.model_validate(cfg)
     st = Store(store)
     result = stages.score_round(st, c.round, c.rm, c.rm_id, c.batch_size, c.device, run_shards=prefect_shards(c))
-    summary = st.score_summary(c.round, result["rm_id"])
-    mean = f"reward mean {summary['mean']:.3f}, std {summary['std']:.3f}" if summary["scored"] else "no scores"
-    print(f"round {c.round}: scored {result['shards_scored']} shard(s) with {result['rm_id']}; "
-          f"{summary['scored']} candidates scored, {mean}")
+    print(stages.score_summary(result))  # the round's rewards under this reward model: mean, std, min, max
+    summary = result["rewards"]  # Store.score_summary
     if summary["scored"]:
         publish(store, artifact_key(store, "score", f"r{c.round}", result["rm_id"]),
                 f"score, round {c.round}, reward model {result['rm_id']}", score_figures(summary, result))

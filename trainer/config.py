@@ -1,4 +1,5 @@
-"""The trainer's configs: offline BOND (`bond train`) and online J-BOND (`bond train-online`).
+"""The trainer's configs: offline BOND (`bond train`), online J-BOND (`bond train-online`), and the
+evaluation of each new anchor in `bond rounds` (its `evaluate` section).
 
 Same rules as the data stages' configs (bond_data/config.py): defaults here, a YAML file overrides
 them, flags override the file, and every description shows in `--help`.
@@ -72,6 +73,19 @@ class OnlineConfig(Config):
     checkpoint_every: int = Field(50, ge=1, description="steps between resumable checkpoints in <out>-steps/step-N (and at the last step)")
     keep_checkpoints: int = Field(2, ge=0, description="newest step-N checkpoints kept; 0 keeps all (a training curve)")
     device: str | None = Field(None, pattern=DEVICE_PATTERN, description="cpu, cuda, cuda:N or mps; none picks cuda when available (bf16 autocast on cuda)")
+
+
+class EvalConfig(Config):
+    """`bond rounds`' evaluation of each new anchor against pi_0 (round 0's anchor), see trainer/evaluate.py."""
+
+    enabled: bool = Field(True, description="false skips evaluation: the round reports hold data and training only")
+    prompts: str | None = Field(None, description="held-out prompts (JSONL, one {\"prompt\": ...} per line); none "
+                                "takes the built-in task's held-out file when the reward is a built-in task's, "
+                                "else evaluation is skipped")
+    rm: str | None = Field(None, description="reward model spec to evaluate with; none takes the score stage's")
+    pool_k: int = Field(64, ge=1, description="samples per held-out prompt from pi_0, drawn once: the quantiles' reference")
+    samples_per_prompt: int = Field(8, ge=1, description="samples per held-out prompt from each anchor")
+    max_new_tokens: int = Field(16, ge=1, description="completion length cap of the pool's and the anchors' samples")
 
 
 TINY_TRAIN = Path(__file__).resolve().parent / "configs" / "tiny.yaml"  # the demo's and the benchmark's settings

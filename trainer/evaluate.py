@@ -92,7 +92,7 @@ def ensure_eval_pool(folder: Path, pi0_dir: str, prompts_file: str, reward_spec:
     return pool
 
 
-def _read_pool(pool_path: Path) -> dict[str, np.ndarray]:
+def read_pool(pool_path: Path) -> dict[str, np.ndarray]:
     """Prompt -> its pool rewards, prompts in file order."""
     table = pq.read_table(pool_path, columns=["prompt", "reward"]).to_pydict()
     groups: dict[str, list[float]] = {}
@@ -133,7 +133,7 @@ def evaluate_policy(policy_dir: str, pi0_dir: str, pool_path: Path, reward_spec:
     sampling backend recorded (temperature 1), log pi_0 a forward pass of pi_0 on the same token ids.
     For policy_dir == pi0_dir both sides are the same model, so kl is 0 up to float noise.
     """
-    pool = _read_pool(Path(pool_path))
+    pool = read_pool(Path(pool_path))
     prompts = list(pool)
     outs = _sample(_backend(policy_dir), prompts, samples_per_prompt, max_new_tokens, "eval", seed)
     flat_prompts = [p for p, cs in zip(prompts, outs) for _ in cs]
@@ -162,7 +162,7 @@ def evaluate_best_of_ns(pi0_dir: str, pool_path: Path, reward_spec: str, ns: lis
     """`evaluate_best_of_n` for several n from one draw of max(ns) * samples_per_prompt pi_0 samples
     per prompt: Best-of-n takes the first n * samples_per_prompt of them, in groups of n. Each n's
     figures are those of Best-of-n sampling; across n they share samples (not independent)."""
-    pool = _read_pool(Path(pool_path))
+    pool = read_pool(Path(pool_path))
     prompts = list(pool)
     draw = max(ns) * samples_per_prompt
     outs = _sample(_backend(pi0_dir), prompts, draw, max_new_tokens, f"bon{max(ns)}", seed)

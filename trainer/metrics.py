@@ -1,4 +1,5 @@
-"""Per-step training metrics: a JSONL file and a progress bar, on rank 0 only.
+"""Per-step training metrics: a JSONL file and a progress bar (bond_data.progress: a bar on a
+terminal, a plain line every few seconds elsewhere), on rank 0 only.
 
 A run resumed from the checkpoint of step S keeps the file's lines up to step S and drops the
 later ones (written after that checkpoint, before the crash): the file holds each step once."""
@@ -10,18 +11,16 @@ from pathlib import Path
 
 
 class MetricsLog:
-    def __init__(self, path: Path, rank: int, total: int, start: int):
+    def __init__(self, path: Path, rank: int, total: int, start: int, label: str = "train"):
         self.rank = rank
         if rank:
             return
-        from rich.progress import Progress
+        from bond_data.progress import Progress
 
         path.parent.mkdir(parents=True, exist_ok=True)
         _truncate_after(path, start)
         self.file = open(path, "a")
-        self.progress = Progress(transient=True)
-        self.progress.start()
-        self.task = self.progress.add_task("training", total=total, completed=start)
+        self.progress = Progress(label, total, "steps", start=start)
 
     def write(self, step: int, metrics: dict, seconds: float, lr: float) -> None:
         if self.rank:
@@ -30,11 +29,11 @@ class MetricsLog:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         padding = f", padding {metrics['padding']:.1%}" if "padding" in metrics else ""
-        self.progress.update(self.task, advance=1, description=f"loss {metrics['loss']:.4f}{padding}")
+        self.progress.advance(1, note=f"loss {metrics['loss']:.4f}{padding}")
 
     def close(self) -> None:
         if not self.rank:
-            self.progress.stop()
+            self.progress.close()
             self.file.close()
 
 

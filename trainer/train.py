@@ -101,7 +101,7 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     step = _restore(resume, policy, opt, sched, ema, sharded_resume) if resume else 0
 
-    log = MetricsLog(run_dir / "metrics.jsonl", rank, total=len(plan), start=step)
+    log = MetricsLog(run_dir / "metrics.jsonl", rank, total=len(plan), start=step, label=f"train round {cfg.round}")
     metrics: dict = {}
     fed = {"tokens": 0, "positions": 0}  # this run's steps: the padding share it prints
     global_rows = cfg.micro_batch_size * cfg.grad_accum * world

@@ -104,6 +104,8 @@ CONFIGS = [  # (case, command, config file content or None, extra flags, message
     ("a misspelt rounds section", "rounds", "generat:\n  k: 4\n", ["--num", "1"], "unknown section(s) ['generat']"),
     ("a rounds section not a mapping", "rounds", "generate: 4\n", ["--num", "1"], "section 'generate' must be a mapping"),
     ("a misspelt key in a rounds section", "rounds", "build:\n  nn: 2\n", ["--num", "1"], "[build]: field 'nn': unknown key"),
+    ("a missing held-out prompts file", "rounds", "evaluate:\n  prompts: no/such/held_out.jsonl\n", ["--num", "1"],
+     "[evaluate]: field 'prompts': no such file"),
 ]
 
 REWARDS = [  # (case, --rm, extra flags, message)

@@ -59,7 +59,7 @@ def test_rounds_name_tag_and_report_every_run(prefect_server, store):
     # a subflow call also leaves a task run in its parent, named after the subflow's flow (`bond-build-0`)
     task_names = sorted(r.name for r in task_runs if not r.name.startswith("bond-"))
     assert task_names == sorted([f"generate-{s}" for s in shards] + [f"score-{s}-letter_count" for s in shards]
-                                + ["train-r0"])
+                                + ["train-r0", "report-r0"])
     assert all(f"store:{store.root}" in r.tags and "round:0" in r.tags for r in task_runs)
 
     stages = ("generate-r0", "score-r0-letter-count", "build-r0-n2", "train-r0", "round-0")

@@ -59,3 +59,15 @@ def test_metrics_of_a_resumed_run_keep_each_step_once(tmp_path):
     log.write(5, {"loss": 0.5, "tokens": 10}, 1.0, 1e-3)
     log.close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_training_progress_off_a_terminal_is_plain_lines_with_steps_and_loss(tmp_path, capsys, monkeypatch):
+    from trainer.metrics import MetricsLog
+
+    monkeypatch.setenv("BOND_PROGRESS_SECONDS", "0")
+    log = MetricsLog(tmp_path / "metrics.jsonl", rank=0, total=4, start=2, label="train round 1")
+    for step, loss in ((3, 0.75), (4, 0.5)):
+        log.write(step, {"loss": loss, "tokens": 10}, 1.0, 1e-3)
+    log.close()
+    lines = [line.split(", ")[:2] for line in capsys.readouterr().err.splitlines()]
+    assert lines == [["train round 1: 3/4 steps (75%)", "loss 0.7500"], ["train round 1: 4/4 steps (100%)", "loss 0.5000"]]

@@ -171,7 +171,7 @@ def test_best_of_n_sampling_keeps_the_best_of_each_group(pool, untrained_model):
     assert one["samples"] == 16 * len(WORDS) and four["samples"] == 4 * 16 * len(WORDS)
     assert four["p_le"] > one["p_le"] and four["reward"] > one["reward"]
     assert four["kl_analytic"] == pytest.approx(np.log(4) - 3 / 4) and len(four["quantiles"]) == 16 * len(WORDS)
-    assert four["kl"] == pytest.approx(evaluate.bon_kl_on_pool(evaluate._read_pool(pool), 4))
+    assert four["kl"] == pytest.approx(evaluate.bon_kl_on_pool(evaluate.read_pool(pool), 4))
     assert 0 < four["kl"] < four["kl_analytic"]  # this reward has ties: below the continuous value
     assert one["kl"] == pytest.approx(0.0, abs=1e-12)
 
@@ -236,4 +236,4 @@ def test_best_of_several_n_from_one_draw(pool, untrained_model):
     alone = evaluate.evaluate_best_of_n(str(untrained_model), pool, REWARD, 4, samples_per_prompt=4)
     assert both[4] == alone  # same draw (the largest n's), same figures
     assert both[2]["samples"] == 2 * 4 * len(WORDS) and len(both[2]["quantiles"]) == 4 * len(WORDS)
-    assert both[2]["kl"] == pytest.approx(evaluate.bon_kl_on_pool(evaluate._read_pool(pool), 2))
+    assert both[2]["kl"] == pytest.approx(evaluate.bon_kl_on_pool(evaluate.read_pool(pool), 2))
