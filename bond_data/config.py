@@ -113,9 +113,19 @@ def _flag_type(annotation) -> tuple[type, list | None]:
     args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
     if typing.get_origin(annotation) is Literal:
         return str, list(typing.get_args(annotation))
+    if args[0] is bool:
+        return boolean, None
     if args[0] in (int, float):
         return args[0], None
     return str, None
+
+
+def boolean(text: str) -> bool:
+    """A yes/no flag's value: true / false (also 1 / 0, yes / no)."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
 
 
 DEVICE_PATTERN = r"^(cpu|cuda(:\d+)?|mps)$"

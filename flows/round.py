@@ -45,6 +45,8 @@ def train_line(result: dict) -> str:
     last = result.get("last_step") or {}
     losses = (f", last step loss {last['loss']:.4f} (forward {last['forward']:.4f}, backward {last['backward']:.4f}), "
               f"mean log pi/A {last['log_ratio']:.3f}") if last else ""
+    if result.get("padding") is not None:
+        losses += f", padding {result['padding']:.1%} of the positions fed"
     return (f"round {result['round']}: trained {result.get('steps', 0)} steps{losses}; anchor {result['round'] + 1} = "
             f"{result['next_anchor']['anchor_hash'][:12]}")
 

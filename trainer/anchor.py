@@ -12,8 +12,13 @@ import torch
 
 @torch.no_grad()
 def ema_update(anchor: dict[str, torch.Tensor], policy: dict[str, torch.Tensor], eta: float) -> None:
-    """In place, over matching floating-point tensors (buffers that are not floats are copied)."""
+    """In place, over matching floating-point tensors (buffers that are not floats are copied); a
+    tensor held under two names (tied weights) moves once."""
+    moved = set()
     for name, a in anchor.items():
+        if id(a) in moved:
+            continue
+        moved.add(id(a))
         p = policy[name]
         if a.is_floating_point():
             a.lerp_(p.to(a.dtype), eta)

@@ -51,12 +51,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return next((p for p in steps if is_complete(p)), None)
 
 
-def load_policy(folder, device: str | torch.device | None = None):
+def load_policy(folder, device: str | torch.device | None = None, attn_implementation: str | None = None):
     """(model in fp32 and train mode, tokenizer) from a transformers folder: what the trainers start from."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    policy = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+    policy = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                  attn_implementation=attn_implementation).to(device)
     policy.train()
     return policy, tokenizer

@@ -1,19 +1,33 @@
 """Sequence log-probabilities of completions under a causal LM: the one place the trainer, online
-J-BOND and the evaluation turn (prompt ids, completion ids) rows into log pi(y | x)."""
+J-BOND and the evaluation turn (prompt ids, completion ids) rows into log pi(y | x).
+
+    log pi(y | x) = sum_t [ z_t[y_t] - logsumexp(z_t) ],   z_t = W h_t   (W: the LM head, [V, H])
+
+computed without the [tokens, vocab] logits or their fp32 log-softmax: the decoder's last hidden
+states are taken only at the M positions that predict completion tokens, and the head runs over
+them in chunks of `chunk` tokens (a custom autograd Function, as Liger's fused linear
+cross-entropy), so the forward keeps nothing of size V and the backward recomputes one chunk's
+[chunk, V] logits at a time and turns them into their gradient in place. At a 150k
+vocabulary that is the difference between gigabytes and a few hundred megabytes per micro-batch.
+Models whose head is not a plain linear layer (other than Gemma-2's final logit soft-capping,
+handled here) would need their own head function.
+"""
 
 from __future__ import annotations
 
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
 from bond_data import precision as precision_policy
-from trainer.losses import sequence_logprobs
+from trainer.packing import Batch, collate_packed
 
 
 def collate(rows: list[dict], device: torch.device):
     """Rows {"prompt": ids, "completion": ids} -> right-padded [B, T] input ids and attention mask,
-    [B, T-1] labels (the next tokens) and mask (1 on completion positions)."""
+    [B, T-1] labels (the next tokens) and mask (1 on completion positions): the layout of the
+    full-logits path (`sequence_logprobs` in trainer/losses.py), kept as the reference."""
     seqs = [r["prompt"] + r["completion"] for r in rows]
     width = max(map(len, seqs))
     input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -31,9 +45,119 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def completion_logprobs(model, rows: list[dict], device: torch.device, precision: str = "auto") -> torch.Tensor:
+def _chunk_logits(hidden, weight, bias, softcap):
+    """[c, V] fp32 logits of one chunk (soft-capped as Gemma-2 does when `softcap` is set), called
+    with autocast off: the head runs in fp32 under every precision policy (bond_data/precision.py)."""
+    logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """log softmax(W h)[target] per row, chunk by chunk; the backward recomputes each chunk's logits
+    and turns them in place into d logp / d logits = onehot - softmax, so one [chunk, V] fp32 buffer
+    is the peak (two with soft-capping); d W accumulates over the chunks in one buffer."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, weight, bias, chunk, softcap):
+        out = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            _forward_chunks(out, hidden, targets, weight, bias, chunk, softcap)
+        ctx.save_for_backward(hidden, targets, weight, bias)
+        ctx.chunk, ctx.softcap = chunk, softcap
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _backward_chunks(ctx, grad_out)
+
+
+def _forward_chunks(out, hidden, targets, weight, bias, chunk, softcap):
+    for s in range(0, hidden.shape[0], chunk):
+        logits = _chunk_logits(hidden[s : s + chunk], weight, bias, softcap)  # [c, V]
+        out[s : s + chunk] = logits.gather(-1, targets[s : s + chunk, None])[:, 0] - torch.logsumexp(logits, -1)
+
+
+def _backward_chunks(ctx, grad_out):
+    hidden, targets, weight, bias = ctx.saved_tensors
+    need_h, _, need_w, need_b = ctx.needs_input_grad[:4]  # a frozen head (LoRA) gets no [V, H] buffer
+    grad_hidden = torch.empty_like(hidden) if need_h else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+    grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+    for s in range(0, hidden.shape[0], ctx.chunk):
+        h, g = hidden[s : s + ctx.chunk], grad_out[s : s + ctx.chunk, None]  # [c, H], [c, 1]
+        raw = F.linear(h.float(), weight.float(), None if bias is None else bias.float())  # [c, V]
+        squash = torch.tanh(raw / ctx.softcap) if ctx.softcap else None
+        d = squash * ctx.softcap if ctx.softcap else raw  # the logits; becomes their gradient in place
+        d.sub_(d.max(-1, keepdim=True).values).exp_()
+        d.div_(d.sum(-1, keepdim=True)).mul_(-g)  # -g * softmax
+        d.scatter_add_(-1, targets[s : s + ctx.chunk, None], g)  # + g * onehot
+        if ctx.softcap:  # through cap * tanh(z / cap): times 1 - tanh^2
+            d.mul_(squash.square_().neg_().add_(1))
+        if need_h:
+            grad_hidden[s : s + ctx.chunk] = (d @ weight.float()).to(hidden.dtype)  # [c, H]
+        if need_w:
+            grad_weight.add_(d.T @ h.float())  # [V, H]
+        if need_b:
+            grad_bias.add_(d.sum(0))
+    cast = lambda grad, like: None if grad is None else grad.to(like.dtype)
+    return grad_hidden, None, cast(grad_weight, weight), cast(grad_bias, bias), None, None
+
+
+def chunked_token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                           bias: torch.Tensor | None = None, chunk: int = 512,
+                           softcap: float | None = None) -> torch.Tensor:
+    """[M] log p(targets) from hidden states [M, H] through the head (weight [V, H]), `chunk` rows at
+    a time; with gradient, each chunk recomputed in the backward (nothing [M, V] is ever stored)."""
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return _ChunkedLogprobs.apply(hidden, targets, weight, bias, chunk, softcap)
+
+
+class SequenceLogprobs(torch.nn.Module):
+    """A causal LM as a module whose forward returns [B] completion log-probs of a `Batch`: what
+    DDP / FSDP wrap, so their hooks see one forward per micro-batch."""
+
+    def __init__(self, lm, chunk: int = 512):
+        super().__init__()
+        self.lm = lm
+        self.chunk = chunk
+
+    def forward(self, input_ids, attention_mask, position_ids, index, targets, row, n_rows: int) -> torch.Tensor:
+        out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    use_cache=False)
+        hidden = out.last_hidden_state.flatten(0, 1)[index]  # [M, H]: only positions predicting completions
+        head = self.lm.get_output_embeddings()
+        if type(head) is not torch.nn.Linear:  # e.g. LoRA on lm_head: its delta would be skipped
+            raise ValueError(f"the chunked log-probs need a plain Linear LM head, not {type(head).__name__} "
+                             "(leave lm_head out of --lora targets)")
+        softcap = getattr(self.lm.config, "final_logit_softcapping", None)
+        token_logp = chunked_token_logprobs(hidden, targets, head.weight, head.bias, self.chunk, softcap)  # [M]
+        return token_logp.new_zeros(n_rows).index_add(0, row, token_logp)  # [B]
+
+
+def batch_logprobs(model: SequenceLogprobs, batch: Batch, device: torch.device, precision: str = "auto") -> torch.Tensor:
+    """[B] completion log-probs of a collated batch (model: a SequenceLogprobs, maybe DDP / FSDP-wrapped),
+    the body under a bond_data.precision policy (auto: by device), the head in fp32."""
+    b = batch.to(device)
+    with precision_policy.autocast(precision_policy.resolve(precision, device), device):
+        return model(b.input_ids, b.attention_mask, b.position_ids, b.index, b.targets, b.row, b.n_rows)
+
+
+def completion_logprobs(model, rows: list[dict], device: torch.device, precision: str = "auto",
+                        chunk: int = 512) -> torch.Tensor:
     """[B] log model(completion | prompt), summed over the completion's tokens (with gradient
-    unless called under no_grad / inference_mode), under a bond_data.precision policy (auto: by device)."""
+    unless called under no_grad / inference_mode), under a bond_data.precision policy (auto: by
+    device); rows packed, the head chunked and in fp32."""
+    wrapped = model if isinstance(model, SequenceLogprobs) else SequenceLogprobs(model, chunk)
+    return batch_logprobs(wrapped, collate_packed(rows), device, precision)
+
+
+def full_logits_logprobs(model, rows: list[dict], device: torch.device, precision: str = "auto") -> torch.Tensor:
+    """[B] the same through the full [B, T, V] logits and their fp32 log-softmax: the reference the
+    chunked path is tested and benchmarked against (the trainer's step before issue 12)."""
+    from trainer.losses import sequence_logprobs
+
     input_ids, attention, labels, mask = collate(rows, device)
     with precision_policy.autocast(precision_policy.resolve(precision, device), device):
         logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]  # [B, T-1, V]

@@ -28,7 +28,8 @@ class MetricsLog:
         record = {"step": step, "lr": lr, **metrics, "tokens_per_s": metrics["tokens"] / seconds}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        self.progress.advance(1, note=f"loss {metrics['loss']:.4f}")
+        padding = f", padding {metrics['padding']:.1%}" if "padding" in metrics else ""
+        self.progress.advance(1, note=f"loss {metrics['loss']:.4f}{padding}")
 
     def close(self) -> None:
         if not self.rank:

@@ -19,8 +19,13 @@ How this differs from the paper:
 4. log pi is computed under the precision policy the pool's log A was (bond_data/precision.py:
    fp32, or bf16 autocast with an fp32 LM head), so that rho = pi/A is 1 at initialisation.
 
+The step (trainer/step.py) packs each micro-batch's rows into shared rows and takes log-probs
+through a chunked LM head at completion positions only (trainer/packing.py, trainer/logprobs.py):
+the same numbers as padded rows and full logits, without the [tokens, vocab] tensors.
+
     bond train --store DIR --round R [--beta 0.5 --eta 0 ...]          # one process
     torchrun --nproc_per_node=2 -m trainer.train --store DIR --round R  # DDP (gloo on CPU, nccl on GPU)
+    torchrun --nproc_per_node=8 -m trainer.train --store DIR --round R --fsdp true  # FSDP2 (trainer/fsdp.py)
     bond train ... --lora r=16,alpha=32,targets=q_proj,v_proj          # adapters only (trainer/lora.py)
 """
 
@@ -37,24 +42,30 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from bond_data import precision as precision_policy
 from bond_data.backends.hf import prompt_token_ids
 from bond_data.config import add_config_flags
 from bond_data.device import resolve_device
 from bond_data.store import Store, StoreError
-from trainer import checkpoints, lora
+from trainer import checkpoints, fsdp, lora
 from trainer.anchor import ema_update
 from trainer.config import TrainConfig
-from trainer.logprobs import collate
-from trainer.losses import jeffreys_loss, sequence_logprobs
+from trainer.logprobs import SequenceLogprobs
+from trainer.step import train_step
 from trainer.metrics import MetricsLog
 
 
 def train(store_root: str, cfg: TrainConfig) -> dict:
     """Train on the round's dataset and register the next anchor; rank 0 holds the store's writer lease."""
+    rank, world = _init_distributed(cfg.fsdp)
+    if cfg.fsdp and cfg.lora is not None:
+        raise ValueError("field 'fsdp': not with --lora (LoRA adapters are small: DDP replicates them)")
+    if cfg.fsdp and not dist.is_initialized():
+        raise ValueError("field 'fsdp': needs torch.distributed; run under torchrun "
+                         "(python -m torch.distributed.run --nproc_per_node=N -m trainer.train ...; N = 1 works)")
     store = Store(store_root)
-    rank, world = _init_distributed()
     lease = store.writing(f"bond train --round {cfg.round}") if rank == 0 else contextlib.nullcontext()
     with lease:
         return _train(store, cfg, rank, world)
@@ -73,27 +84,34 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
     precision = precision_policy.check_training(cfg.precision, pool, device, cfg.round)  # before anything is written
     run_dir = store.root / "train" / f"round={cfg.round}" / dataset["dataset_id"]
     resume = checkpoints.latest_checkpoint(run_dir)
+    sharded_resume = resume is not None and fsdp.is_sharded(resume)
+    if resume is not None and sharded_resume != cfg.fsdp:
+        raise ValueError(f"field 'fsdp': {resume} was written {'with' if sharded_resume else 'without'} --fsdp; "
+                         "resume with the same setting")
     anchor = store.anchor(cfg.round)
-    policy, tokenizer = _load_trainable(anchor["anchor_path"], resume, cfg, device)
-    precision_policy.fp32_head(policy)
-    ema = {k: v.detach().clone() for k, v in _anchor_state(policy).items()} if cfg.eta > 0 else None
-    model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
+    policy, tokenizer = _load_trainable(anchor["anchor_path"], None if sharded_resume else resume, cfg, device)
+    precision_policy.fp32_head(policy)  # the chunked head computes in fp32 anyway; this covers head.forward
+    model = _wrap(policy, cfg, device, world)  # SequenceLogprobs, under FSDP2 / DDP when distributed
+    ema = _anchor_copy(policy, getattr(torch, cfg.anchor_dtype)) if cfg.eta > 0 else None
 
     rows = _load_rows(store.root / dataset["path"], tokenizer)
     plan = _batch_plan(rows, cfg.micro_batch_size, cfg.grad_accum, cfg.epochs, cfg.seed, world)  # [step][rank][micro]
     trainable = [p for p in policy.parameters() if p.requires_grad]  # all, or the LoRA adapters
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    step = _restore(resume, opt, sched, ema) if resume else 0
+    step = _restore(resume, policy, opt, sched, ema, sharded_resume) if resume else 0
 
     log = MetricsLog(run_dir / "metrics.jsonl", rank, total=len(plan), start=step, label=f"train round {cfg.round}")
     metrics: dict = {}
+    fed = {"tokens": 0, "positions": 0}  # this run's steps: the padding share it prints
     global_rows = cfg.micro_batch_size * cfg.grad_accum * world
     while step < len(plan):
         t0 = time.perf_counter()
         batch = [[rows[i] for i in micro] for micro in plan[step][rank]]
-        metrics = train_step(model, batch, cfg.beta, cfg.gamma, global_rows, world, device, precision)  # fwd + bwd
-        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+        metrics = train_step(model, batch, cfg.beta, cfg.gamma, global_rows, world, device, precision,
+                             packing=cfg.packing, pack_length=cfg.pack_length)  # forward + backward
+        metrics["grad_norm"] = _clip_gradients(trainable, cfg.max_grad_norm)
+        fed = {k: fed[k] + metrics[k] for k in fed}
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -102,17 +120,37 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
         step += 1
         log.write(step, metrics, time.perf_counter() - t0, sched.get_last_lr()[0])
         if step % cfg.checkpoint_every == 0 or step == len(plan):
-            _checkpoint(run_dir / f"step-{step}", policy, tokenizer, opt, sched, ema, step, rank, world)
+            _checkpoint(run_dir / f"step-{step}", policy, tokenizer, opt, sched, ema, step, rank, world, cfg.fsdp)
     log.close()
 
-    result = _refresh_anchor(store, cfg, dataset, anchor, policy, tokenizer, ema, rank, world, precision)
-    return {**result, "steps": len(plan), "precision": precision, "pool_precision": pool, "last_step": metrics}  # last_step: {} when resumed at the end
+    final = _final_model(policy, ema, cfg, anchor["anchor_path"], rank)  # rank 0: a plain model to register
+    result = _refresh_anchor(store, cfg, dataset, anchor, final, tokenizer, rank, world, precision)
+    padding = 1 - fed["tokens"] / fed["positions"] if fed["positions"] else None  # None when resumed at the end
+    return {**result, "steps": len(plan), "precision": precision, "pool_precision": pool, "padding": padding,
+            "last_step": metrics}  # last_step: {} when resumed at the end
+
+
+def _wrap(policy, cfg: TrainConfig, device: torch.device, world: int) -> torch.nn.Module:
+    """The policy as a SequenceLogprobs module (chunked LM head), with activation checkpointing and
+    torch.compile per decoder layer if asked, sharded (FSDP2) or replicated (DDP) over processes."""
+    if cfg.activation_checkpointing:  # transformers >= 5.24 renamed gradient_checkpointing_enable
+        enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    layers = policy.get_decoder().layers
+    if cfg.compile:
+        for layer in layers:
+            layer.compile(dynamic=True)
+    model = SequenceLogprobs(policy, cfg.logprob_chunk)
+    if cfg.fsdp:
+        return fsdp.shard(model, layers, device)
+    return torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
 
 # ---- setup -----------------------------------------------------------------------------------
-def _init_distributed() -> tuple[int, int]:
+def _init_distributed(fsdp: bool) -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; FSDP needs a process group even for one process."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or (fsdp and "MASTER_ADDR" in os.environ)) and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
@@ -124,7 +162,14 @@ def _load_trainable(anchor_dir: str, resume: Path | None, cfg: TrainConfig, devi
         return lora.load_lora_policy(anchor_dir, resume, lora.parse_lora(cfg.lora), cfg.seed, device)
     if resume is not None and (resume / lora.ADAPTER_FILE).is_file():
         raise ValueError(f"{resume}: a LoRA checkpoint; resume it with the same --lora (or delete it)")
-    return checkpoints.load_policy(resume or anchor_dir, device)
+    return checkpoints.load_policy(resume or anchor_dir, device, cfg.attn_implementation)
+
+
+def _anchor_copy(policy, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The EMA anchor's own copy of `_anchor_state` in `dtype` (sharded like the policy under FSDP)."""
+    if lora.is_lora(policy):
+        return {k: v.detach().to(dtype).clone() for k, v in lora.adapter_state(policy).items()}
+    return fsdp.anchor_copy(policy, dtype)
 
 
 def _anchor_state(policy) -> dict[str, torch.Tensor]:
@@ -179,36 +224,20 @@ def _batch_plan(rows: list[dict], micro_batch_size: int, grad_accum: int, epochs
     return plan
 
 
-# ---- one optimizer step ----------------------------------------------------------------------
-def train_step(model, micro_batches: list[list[dict]], beta: float, gamma: float, global_rows: int, world: int,
-               device: torch.device, precision: str = "auto") -> dict:
-    """Forward + backward over this rank's micro-batches of rows (prompt ids, completion ids, weight,
-    weight_pool, log A); losses scaled so that the summed (and DDP-averaged) gradient is that of the mean over
-    the `global_rows` rows of the global batch. `precision`: bond_data/precision.py (auto: by device)."""
-    precision = precision_policy.resolve(precision, device)
-    totals = {"loss": 0.0, "forward": 0.0, "backward": 0.0, "anchor_kl": 0.0, "log_ratio": 0.0, "tokens": 0}
-    for i, batch in enumerate(micro_batches):
-        input_ids, attention, labels, mask = collate(batch, device)
-        weight = torch.tensor([r["weight"] for r in batch], device=device, dtype=torch.float32)  # forward term
-        weight_pool = torch.tensor([r["weight_pool"] for r in batch], device=device, dtype=torch.float32)  # backward
-        logp_anchor = torch.tensor([r["logp_anchor"] for r in batch], device=device, dtype=torch.float32)
-        sync = contextlib.nullcontext() if i == len(micro_batches) - 1 or world == 1 else model.no_sync()
-        with sync:
-            with precision_policy.autocast(precision, device):
-                logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]  # [B, T-1, V]
-            logp_policy = sequence_logprobs(logits, labels, mask)  # [B]
-            terms = jeffreys_loss(logp_policy, logp_anchor, weight, beta, gamma, weight_pool)
-            scale = len(batch) / global_rows * world
-            (terms["loss"] * scale).backward()
-        for k in ("loss", "forward", "backward", "anchor_kl"):
-            totals[k] += float(terms[k].detach()) * scale
-        totals["log_ratio"] += float((logp_policy - logp_anchor).detach().sum()) / global_rows * world
-        totals["tokens"] += int(mask.sum())
-    return totals
+# ---- one optimizer step (forward + backward: trainer/step.py) -------------------------------
+def _clip_gradients(params: list, max_norm: float) -> float:
+    """Global gradient-norm clip; the norm before clipping (a DTensor under FSDP: gathered)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
 # ---- logging, checkpoints, the anchor refresh -------------------------------------------------
-def _checkpoint(folder: Path, policy, tokenizer, opt, sched, ema, step: int, rank: int, world: int) -> None:
+def _checkpoint(folder: Path, policy, tokenizer, opt, sched, ema, step: int, rank: int, world: int,
+                sharded: bool) -> None:
+    if sharded:  # every process writes its shards
+        extra = {"step": step, "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
+        fsdp.save_sharded(folder, policy, opt, ema, extra, rank)
+        return
     if rank == 0:
         state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "ema": ema,
                  "rng": torch.get_rng_state()}
@@ -217,29 +246,49 @@ def _checkpoint(folder: Path, policy, tokenizer, opt, sched, ema, step: int, ran
         dist.barrier()
 
 
-def _restore(folder: Path, opt, sched, ema) -> int:
-    state = torch.load(folder / "trainer_state.pt", weights_only=True)  # tensors and plain data only: no code runs
-    opt.load_state_dict(state["optimizer"])
+def _restore(folder: Path, policy, opt, sched, ema, sharded: bool) -> int:
+    if sharded:
+        extra = {"step": 0, "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
+        state = fsdp.load_sharded(folder, policy, opt, ema, extra)
+    else:
+        state = torch.load(folder / "trainer_state.pt", weights_only=True)  # tensors and plain data only: no code runs
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None and state["ema"] is not None:
+            for k, v in state["ema"].items():
+                ema[k].copy_(v)
     sched.load_state_dict(state["scheduler"])
-    if ema is not None and state["ema"] is not None:
-        for k, v in state["ema"].items():
-            ema[k].copy_(v)
     torch.set_rng_state(state["rng"])
     return state["step"]
 
 
-def _refresh_anchor(store: Store, cfg: TrainConfig, dataset: dict, anchor: dict, policy, tokenizer, ema,
+def _final_model(policy, ema, cfg: TrainConfig, anchor_path: str, rank: int):
+    """The next anchor as a plain model on rank 0 (None elsewhere): the EMA (eta > 0) or the policy.
+    Under FSDP the full weights are gathered into a fresh unsharded copy of the architecture."""
+    if not cfg.fsdp:
+        if rank != 0:
+            return None
+        if lora.is_lora(policy):  # the next anchor is a plain model: W + s * B @ A merged in
+            return lora.merged_model(policy, ema)
+        if ema is not None:
+            policy.load_state_dict(ema)
+        return policy
+    state = fsdp.full_state(policy, ema)  # collective
+    if rank != 0:
+        return None
+    plain, _ = checkpoints.load_policy(anchor_path, torch.device("cpu"), cfg.attn_implementation)
+    plain.load_state_dict(state)
+    return plain
+
+
+def _refresh_anchor(store: Store, cfg: TrainConfig, dataset: dict, anchor: dict, final, tokenizer,
                     rank: int, world: int, precision: str) -> dict:
-    """Write A_{t+1} (EMA or hard refresh) atomically, then register it: that starts round t + 1."""
+    """Write A_{t+1} (EMA or hard refresh, as `final` on rank 0) atomically, then register it: that
+    starts round t + 1."""
     folder = store.root / "anchors" / f"round={cfg.round + 1}"
     if rank == 0:
-        if lora.is_lora(policy):  # the next anchor is a plain model: W + s * B @ A merged in
-            policy = lora.merged_model(policy, ema)
-        elif ema is not None:
-            policy.load_state_dict(ema)
         meta = {"parent_round": cfg.round, "parent_hash": anchor["anchor_hash"], "dataset_id": dataset["dataset_id"],
                 "precision": precision}
-        digest = checkpoints.save_checkpoint(folder, policy, tokenizer, meta=meta)
+        digest = checkpoints.save_checkpoint(folder, final, tokenizer, meta=meta)
         store.register_anchor(cfg.round + 1, str(folder), digest, parent_round=cfg.round,
                               config={**cfg.model_dump(), **meta})
     if world > 1:

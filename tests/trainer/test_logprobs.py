@@ -1,0 +1,115 @@
+"""Completion log-probs: the chunked head and the packed layout equal the full-logits reference
+(fp32, CPU, 1e-4), gradients included; packing never lets a row see its neighbour."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from trainer.logprobs import (SequenceLogprobs, batch_logprobs, chunked_token_logprobs, completion_logprobs,
+                              full_logits_logprobs)
+from trainer.packing import collate_packed, collate_padded, pack_bins
+
+CPU = torch.device("cpu")
+
+
+def tiny_lm(family="llama", vocab=97, tie=True, seed=0):
+    torch.manual_seed(seed)
+    size = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                tie_word_embeddings=tie, attn_implementation="sdpa")
+    cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    return cls[1](cls[0](**size)).float()
+
+
+def random_rows(n=9, vocab=97, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))
+    return [{"prompt": torch.randint(1, vocab, (rand(1, 9),), generator=g).tolist(),
+             "completion": torch.randint(1, vocab, (rand(1, 14),), generator=g).tolist()} for _ in range(n)]
+
+
+def grads(model):
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False)])
+def test_chunked_packed_logprobs_and_gradients_equal_the_full_logits_reference(family, tie):
+    model, rows = tiny_lm(family, tie=tie), random_rows()
+    ref = full_logits_logprobs(model, rows, CPU)
+    (ref * torch.linspace(-1, 2, len(rows))).sum().backward()  # a loss mixing signs, as Jeffreys does
+    ref_grads = grads(model)
+    model.zero_grad(set_to_none=True)
+    got = completion_logprobs(model, rows, CPU, chunk=5)  # chunks smaller than a row, spanning rows
+    (got * torch.linspace(-1, 2, len(rows))).sum().backward()
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+    got_grads = grads(model)
+    assert got_grads.keys() == ref_grads.keys()
+    for k in ref_grads:
+        torch.testing.assert_close(got_grads[k], ref_grads[k], rtol=1e-4, atol=1e-5)
+
+
+def test_padded_and_packed_layouts_agree_and_packing_cuts_padding():
+    model, rows = tiny_lm(), random_rows(n=32, seed=3)
+    wrapped = SequenceLogprobs(model, chunk=64)
+    with torch.no_grad():
+        padded = batch_logprobs(wrapped, collate_padded(rows), CPU)
+        packed = batch_logprobs(wrapped, collate_packed(rows), CPU)
+        alone = torch.stack([full_logits_logprobs(model, [r], CPU)[0] for r in rows])  # one row per forward
+    torch.testing.assert_close(padded, alone, rtol=0, atol=1e-4)
+    torch.testing.assert_close(packed, alone, rtol=0, atol=1e-4)
+    assert collate_packed(rows).padding_fraction < 0.1 < collate_padded(rows).padding_fraction
+
+
+def test_a_packed_row_never_attends_to_its_neighbour():
+    """Changing row A's tokens leaves row B's log-prob unchanged when both share a packed row."""
+    model = tiny_lm()
+    a, b = {"prompt": [5, 6, 7], "completion": [8, 9]}, {"prompt": [10, 11], "completion": [12, 13, 14]}
+    a2 = {"prompt": [50, 60, 70], "completion": [80, 90]}
+    batch, batch2 = collate_packed([a, b], capacity=16), collate_packed([a2, b], capacity=16)
+    assert batch.input_ids.shape[0] == 1  # one packed row holds both
+    with torch.no_grad():
+        wrapped = SequenceLogprobs(model)
+        lp, lp2 = batch_logprobs(wrapped, batch, CPU), batch_logprobs(wrapped, batch2, CPU)
+    assert lp[1] == pytest.approx(float(lp2[1]), abs=1e-5) and abs(float(lp[0] - lp2[0])) > 1e-3
+
+
+def test_pack_bins_is_a_partition_within_capacity():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 50, (200,), generator=g).tolist()
+    bins = pack_bins(lengths, 60)
+    assert sorted(i for b in bins for i in b) == list(range(200))
+    assert all(sum(lengths[i] for i in b) <= 60 for b in bins)
+    assert len(bins) <= 2 * sum(lengths) / 60 + 1  # first-fit: every bin but one is over half full
+    assert pack_bins([70, 10], 60) == [[0], [1]]  # an over-long item gets a bin of its own
+
+
+def test_chunked_token_logprobs_and_gradients_match_log_softmax_with_bias_and_softcap():
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(13, 8, generator=g), torch.randn(50, 8, generator=g)
+    bias, targets = torch.randn(50, generator=g), torch.randint(0, 50, (13,), generator=g)
+    coef = torch.randn(13, generator=g)  # d loss / d logp, of both signs
+    for softcap in (None, 3.0):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        logits = leaves[0] @ leaves[1].T + leaves[2]
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        want = torch.log_softmax(logits, -1)[torch.arange(13), targets]
+        want_grads = torch.autograd.grad((want * coef).sum(), leaves)
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        got = chunked_token_logprobs(leaves[0], targets, leaves[1], leaves[2], chunk=4, softcap=softcap)
+        got_grads = torch.autograd.grad((got * coef).sum(), leaves)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        for a, b in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_frozen_head_gets_no_gradient_and_the_rest_the_same():
+    """LoRA-style: the LM head frozen, the hidden states still get their exact gradient."""
+    g = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(9, 8, generator=g, requires_grad=True), torch.randn(30, 8, generator=g)
+    targets = torch.randint(0, 30, (9,), generator=g)
+    got = torch.autograd.grad(chunked_token_logprobs(hidden, targets, weight, chunk=4).sum(), hidden)[0]
+    want = torch.autograd.grad(torch.log_softmax(hidden @ weight.T, -1)[torch.arange(9), targets].sum(), hidden)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,110 @@
+"""Rows -> model inputs with little padding: several (prompt, completion) rows share one packed row.
+
+A micro-batch of rows is packed first-fit-decreasing into bins of twice its longest row (or
+`pack_length` tokens). Bins only as long as the longest row leave ~15% padding when lengths spread
+over 256-1024 tokens (every row over half the width gets a bin alone); twice that leaves 7-9% at
+32-64 rows per micro-batch (bench/train_step.py's rows). The price: attention over a packed row
+costs its width squared with a dense mask (SDPA), masked blocks included, so attention FLOPs grow up
+to 2x; flex attention skips masked blocks. Inside a bin
+the position ids restart at 0 for every row and no attention mask is passed: transformers then
+builds a block-diagonal causal mask from the position ids (masking_utils.find_packed_sequence_indices),
+so a row never attends to its neighbour. The bin's tail is padding with positions 0.. of its own.
+
+Both layouts (packed, or right-padded as before with an attention mask) come out as one `Batch`
+that also says which hidden states predict completion tokens: `index` [M] into the flattened
+[P * L] positions, `targets` [M] the tokens they predict, `row` [M] the row each belongs to. Only
+those M positions go through the LM head (trainer/logprobs.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [P, L]
+    attention_mask: torch.Tensor | None  # [P, L] for padded rows; None when packed (positions carry it)
+    position_ids: torch.Tensor | None  # [P, L] restarting at 0 per packed row; None when padded
+    index: torch.Tensor  # [M] flat positions (p * L + t) whose next token is a completion token
+    targets: torch.Tensor  # [M] that next token
+    row: torch.Tensor  # [M] which input row (0..n_rows-1) it belongs to
+    n_rows: int
+    tokens: int  # real tokens fed (prompt + completion of every row)
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the fed positions [P * L] that are padding."""
+        return 1.0 - self.tokens / self.input_ids.numel()
+
+    def to(self, device: torch.device) -> Batch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.position_ids), move(self.index),
+                     move(self.targets), move(self.row), self.n_rows, self.tokens)
+
+
+def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: indices of `lengths` grouped into bins whose lengths sum to <= capacity
+    (a longer item gets a bin of its own)."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        b = next((b for b, r in enumerate(room) if r >= lengths[i]), None)
+        if b is None:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            bins[b].append(i)
+            room[b] -= lengths[i]
+    return bins
+
+
+def _completion_targets(rows: list[dict], starts: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """Flat positions predicting each completion token (position t predicts token t + 1)."""
+    index, targets, row = [], [], []
+    for b, (r, start) in enumerate(zip(rows, starts)):
+        first = start + len(r["prompt"]) - 1
+        index.extend(range(first, first + len(r["completion"])))
+        targets.extend(r["completion"])
+        row.extend([b] * len(r["completion"]))
+    return index, targets, row
+
+
+def collate_packed(rows: list[dict], capacity: int | None = None) -> Batch:
+    """Pack rows into bins of `capacity` tokens (default: twice the longest row) on the CPU; the
+    packed rows are as wide as the fullest bin."""
+    seqs = [r["prompt"] + r["completion"] for r in rows]
+    longest = max(map(len, seqs))
+    bins = pack_bins([len(s) for s in seqs], max(longest, capacity or 2 * longest))
+    width = max(sum(len(seqs[i]) for i in b) for b in bins)  # the fullest bin, at most the capacity
+    input_ids = torch.zeros(len(bins), width, dtype=torch.long)
+    position_ids = torch.zeros(len(bins), width, dtype=torch.long)
+    starts = [0] * len(rows)
+    for p, members in enumerate(bins):
+        offset = 0
+        for i in members:
+            n = len(seqs[i])
+            input_ids[p, offset : offset + n] = torch.tensor(seqs[i])
+            position_ids[p, offset : offset + n] = torch.arange(n)
+            starts[i] = p * width + offset
+            offset += n
+        position_ids[p, offset:] = torch.arange(width - offset)  # the tail: a padding "row" of its own
+    index, targets, row = _completion_targets(rows, starts)
+    return Batch(input_ids, None, position_ids, torch.tensor(index), torch.tensor(targets), torch.tensor(row),
+                 len(rows), sum(map(len, seqs)))
+
+
+def collate_padded(rows: list[dict]) -> Batch:
+    """One right-padded row per input row, with an attention mask (the layout before packing)."""
+    seqs = [r["prompt"] + r["completion"] for r in rows]
+    width = max(map(len, seqs))
+    input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    attention = torch.zeros(len(seqs), width, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        input_ids[b, : len(s)] = torch.tensor(s)
+        attention[b, : len(s)] = 1
+    index, targets, row = _completion_targets(rows, [b * width for b in range(len(rows))])
+    return Batch(input_ids, attention, None, torch.tensor(index), torch.tensor(targets), torch.tensor(row),
+                 len(rows), sum(map(len, seqs)))
