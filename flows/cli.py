@@ -101,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--n", type=int, help="Best-of-n per round (build.n)")
         p.add_argument("--k", type=int, help="samples per prompt (generate.k)")
         p.add_argument("--rm", help=f"{RM_HELP} (score.rm)")
+        for key in ("max_new_tokens", "temperature", "top_p"):
+            field = GenerateConfig.model_fields[key]
+            p.add_argument(f"--{key.replace('_', '-')}", type=field.annotation, help=f"{field.description} "
+                           f"(generate.{key}; unset: the previous round's, else {field.default})")
         if cmd == "serve":
             p.add_argument("--cron", help='schedule, e.g. "0 3 * * *" (none: runs only when started by hand)')
             p.add_argument("--name", default="bond-rounds", help="deployment name (default bond-rounds)")
@@ -340,12 +344,17 @@ def rounds_params(args) -> dict:
     for name, value in sections.items():
         if not isinstance(value, dict | None):
             raise ConfigError(f"{source}: section '{name}' must be a mapping of keys, got {type(value).__name__}")
-    flags = {"generate": {"k": args.k}, "score": {"rm": args.rm}, "build": {"n": args.n}, "train": {}, "evaluate": {}}
+    flags = {"generate": {"k": args.k, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                          "top_p": args.top_p},
+             "score": {"rm": args.rm}, "build": {"n": args.n}, "train": {}, "evaluate": {}}
     defaults = {"score": {"rm": TINY_REWARD}}
     params = {name: cls.validate_as({**defaults.get(name, {}), **(sections.get(name) or {}),
                                      **{k: v for k, v in flags[name].items() if v is not None}},
                                     f"{source} [{name}]").model_dump()
               for name, cls in SECTIONS.items()}
+    # the generate keys the user set (config or flag): the others follow the previous round's sampling
+    params["generate_set"] = sorted(set(sections.get("generate") or {})
+                                    | {k for k, v in flags["generate"].items() if v is not None})
     held_out = params["evaluate"]["prompts"]
     if held_out and params["evaluate"]["enabled"] and not Path(held_out).is_file():
         raise ConfigError(f"{source} [evaluate]: field 'prompts': no such file {held_out}")

@@ -69,9 +69,38 @@ def train_task(store: str, cfg: dict) -> dict:
     return result
 
 
+# Sampling settings a round takes from the one before unless set (flag or config key): a tour that
+# generated round 0 with --max-new-tokens 16 keeps 16 in the rounds that follow.
+INHERITED_SAMPLING = ("temperature", "top_p", "max_new_tokens")
+
+
+def inherit_sampling(st: Store, t: int, generate: dict, explicit: list[str] | None) -> tuple[dict, list[str]]:
+    """Round t's generate settings: each of INHERITED_SAMPLING not in `explicit` takes the value
+    recorded in the candidates of round t (a round already begun) or else of round t-1; `explicit`
+    None means every key was set. Returns the settings and the changes from that round, as text
+    ("max_new_tokens 16 -> 32"), which the round prints and records in its result and artifact."""
+    if explicit is None:
+        explicit = list(INHERITED_SAMPLING)
+    recorded = []
+    for source in (t, t - 1):
+        if source >= 0 and (recorded := st.sampling_settings(source)):
+            break
+    if len(recorded) != 1:  # nothing to inherit from, or a round that mixed settings: the given ones
+        return generate, []
+    previous, out, changes = recorded[0], dict(generate), []
+    for key in INHERITED_SAMPLING:
+        if key not in previous:
+            continue
+        if key not in explicit:
+            out[key] = previous[key]
+        elif out[key] != previous[key]:
+            changes.append(f"{key} {previous[key]} -> {out[key]}")
+    return out, changes
+
+
 @flow(name="bond-round", flow_run_name="round-{round_}")
 def round_flow(store: str, round_: int, generate: dict, score: dict, build: dict, train: dict,
-               evaluate: dict) -> dict:
+               evaluate: dict, generate_set: list[str] | None = None) -> dict:
     """One round: curate (generate, score, build), train, register the next anchor; its summary as
     a Markdown artifact; then evaluate the new anchor and write the round's report (trainer/report.py),
     published as a second Markdown artifact."""
@@ -80,26 +109,30 @@ def round_flow(store: str, round_: int, generate: dict, score: dict, build: dict
     from trainer.report import report_summary
 
     t = round_
+    generate, changes = inherit_sampling(Store(store), t, generate, generate_set)
+    if changes:
+        print(f"round {t}: sampling changed from the previous round: {', '.join(changes)}")
     dataset = curate_round(store, {**generate, "round": t}, {**score, "round": t}, {**build, "round": t})
     result = train_task(store, {**train, "round": t, "dataset_id": dataset["dataset_id"]})
     print(train_line({**result, "round": t}))
-    create_markdown_artifact(round_markdown(store, t, dataset, result), key=artifact_key(store, "round", t),
+    create_markdown_artifact(round_markdown(store, t, dataset, result, changes), key=artifact_key(store, "round", t),
                              description=f"round {t} of {Store(store).root}")
     report = report_task(store, t, evaluate, score)
     print(report_summary(report))
     create_markdown_artifact(Path(report["report"]).read_text(), key=artifact_key(store, "report", t),
                              description=f"round {t}'s report: {report['report']}")
     return {"round": t, "dataset_id": dataset["dataset_id"], "next_anchor": result["next_anchor"],
-            "report": report["report"], "evaluation": report["evaluation"]}
+            "sampling_changes": changes, "report": report["report"], "evaluation": report["evaluation"]}
 
 
-def round_markdown(store: str, t: int, dataset: dict, result: dict) -> str:
+def round_markdown(store: str, t: int, dataset: dict, result: dict, changes: list[str] = ()) -> str:
     """The round's summary table: each stage's figures, from the same functions as the stage
     artifacts and summary lines (the pool and scores as the round holds them)."""
     st = Store(store)
     rows = ([("generate", m, v) for m, v in generate_figures(st.pool_summary(t))]
             + [("score", m, v) for m, v in score_figures(st.score_summary(t, dataset["rm_id"]))]
             + [("build", m, v) for m, v in build_figures(dataset)] + [("train", m, v) for m, v in train_figures(result)])
+    rows += [("generate", "sampling changed from the previous round", c) for c in changes]
     table = "\n".join(f"| {stage} | {m} | {v} |" for stage, m, v in rows)
     return (f"# Round {t}\n\nstore `{st.root}`; dataset `{dataset['path']}`\n\n"
             f"| stage | metric | value |\n|---|---|---|\n{table}\n")
@@ -112,17 +145,19 @@ def _rounds_name() -> str:
 
 @flow(name="bond-rounds", flow_run_name=_rounds_name)
 def bond_rounds(store: str, num: int, generate: dict, score: dict, build: dict, train: dict,
-                evaluate: dict | None = None) -> list[dict]:
-    """Run rounds 0..num-1, each from the anchor the previous one registered."""
+                evaluate: dict | None = None, generate_set: list[str] | None = None) -> list[dict]:
+    """Run rounds 0..num-1, each from the anchor the previous one registered. Sampling settings not
+    in `generate_set` (the generate keys the user set; None: all of them) follow the previous round's
+    (`inherit_sampling`)."""
     st = Store(store)
     done = []
     with st.writing(f"bond rounds --num {num}"):
-        _run_rounds(st, num, generate, score, build, train, evaluate or EvalConfig().model_dump(), done)
+        _run_rounds(st, num, generate, score, build, train, evaluate or EvalConfig().model_dump(), done, generate_set)
     return done
 
 
 def _run_rounds(st: Store, num: int, generate: dict, score: dict, build: dict, train: dict, evaluate: dict,
-                done: list) -> None:
+                done: list, generate_set: list[str] | None = None) -> None:
     from trainer.report import report_summary
 
     store = str(st.root)
@@ -135,17 +170,17 @@ def _run_rounds(st: Store, num: int, generate: dict, score: dict, build: dict, t
                 print(report_summary(report_task(store, t, evaluate, score)))
             continue
         with run_tags(store, t):
-            done.append(round_flow(store, t, generate, score, build, train, evaluate))
+            done.append(round_flow(store, t, generate, score, build, train, evaluate, generate_set))
 
 
 def rounds_deployment(store: str, cron: str | None, num: int, generate: dict, score: dict, build: dict, train: dict,
-                      name: str = "bond-rounds", evaluate: dict | None = None):
+                      name: str = "bond-rounds", evaluate: dict | None = None, generate_set: list[str] | None = None):
     """A deployment of `bond-rounds` (what `bond serve` serves or puts on a work pool). Its
     entrypoint is the module path `flows.round.bond_rounds`: any process where the package is
     installed loads it, whatever its working directory."""
     from prefect.types.entrypoint import EntrypointType
 
     params = {"store": store, "num": num, "generate": generate, "score": score, "build": build, "train": train,
-              "evaluate": evaluate or EvalConfig().model_dump()}
+              "evaluate": evaluate or EvalConfig().model_dump(), "generate_set": generate_set}
     return bond_rounds.to_deployment(name=name, cron=cron, parameters=params, tags=[f"store:{store}"],
                                      entrypoint_type=EntrypointType.MODULE_PATH)

@@ -75,3 +75,32 @@ def test_serve_builds_a_cron_deployment(store, tmp_path, monkeypatch):
     assert [s.schedule.cron for s in d.schedules] == ["0 3 * * *"]
     assert d.entrypoint == "flows.round.bond_rounds" and f"store:{store.root}" in d.tags
     assert load_flow_from_entrypoint(d.entrypoint).name == "bond-rounds"
+
+
+def test_a_round_inherits_the_previous_rounds_sampling_unless_set(store):
+    """Round 0 drawn with max_new_tokens 6: round 1 keeps 6 when the user set nothing, and a
+    setting the user gave wins and is reported as a change; a round already begun keeps its own."""
+    from flows.round import inherit_sampling
+    from testutil import run_generation
+
+    run_generation(store, k=2, max_new_tokens=6)
+    defaults = GenerateConfig().model_dump()
+    inherited, changes = inherit_sampling(store, 1, defaults, explicit=[])
+    assert (inherited["max_new_tokens"], inherited["temperature"], changes) == (6, 1.0, [])
+    given, changes = inherit_sampling(store, 1, {**defaults, "max_new_tokens": 12}, explicit=["max_new_tokens"])
+    assert given["max_new_tokens"] == 12 and changes == ["max_new_tokens 6 -> 12"]
+    assert inherit_sampling(store, 1, defaults, explicit=None) == (defaults, ["max_new_tokens 6 -> 32"])
+    # round 0 itself has begun: its own settings, not the defaults, fill what is unset
+    assert inherit_sampling(store, 0, defaults, explicit=["k"])[0]["max_new_tokens"] == 6
+
+
+def test_rounds_flags_and_config_name_the_generate_keys_set(tmp_path):
+    import argparse
+
+    from flows.cli import rounds_params
+
+    cfg = tmp_path / "rounds.yaml"
+    cfg.write_text("generate:\n  temperature: 1.0\n")
+    args = argparse.Namespace(config=str(cfg), k=None, max_new_tokens=16, temperature=None, top_p=None, rm=None, n=2)
+    params = rounds_params(args)
+    assert params["generate_set"] == ["max_new_tokens", "temperature"] and params["generate"]["max_new_tokens"] == 16
