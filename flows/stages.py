@@ -17,6 +17,7 @@ retried with exponential backoff on transient failures only, and failed as hung 
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -89,8 +90,10 @@ def run_tags(store: str | Path, round_: int):
 
 
 def artifact_key(store: str | Path, *parts: object) -> str:
-    """`<store folder name>-<parts>` in the form Prefect requires: lowercase letters, digits, dashes."""
-    text = "-".join(str(p) for p in (Path(store).resolve().name, *parts))
+    """`<store folder name>-<6 hex digits of its absolute path's sha1>-<parts>` in the form Prefect
+    requires (lowercase letters, digits, dashes): two stores with one folder name keep apart."""
+    root = Path(store).resolve()
+    text = "-".join(str(p) for p in (root.name, hashlib.sha1(str(root).encode()).hexdigest()[:6], *parts))
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -227,3 +228,10 @@ def test_serve_to_a_pool_without_a_server_is_one_error_line(store, tmp_path):
     out = subprocess.run([sys.executable, "-m", "flows.cli", "serve", "--store", str(store.root), "--num", "1",
                           "--pool", "p"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "set PREFECT_API_URL" in out.stderr
+
+
+def test_artifact_keys_of_two_stores_with_one_folder_name_differ(tmp_path):
+    a, b = tmp_path / "x" / "store", tmp_path / "y" / "store"
+    assert artifact_key(a, "round", 0) != artifact_key(b, "round", 0)
+    assert artifact_key(a, "round", 0) == artifact_key(str(a) + "/", "round", 0)
+    assert re.fullmatch(r"store-[0-9a-f]{6}-round-0", artifact_key(a, "round", 0))
