@@ -86,13 +86,14 @@ def test_every_round_reports_and_the_table_is_the_evaluation(two_rounds):
             assert float(row["analytic_kl"]) == evaluate.analytic_row(int(row["N"]))["kl"]
         md = (folder / "report.md").read_text()
         assert md == report.round_report_markdown(store, R) and f"| {R + 1} | {2 ** (R + 1)} | " in md
-    # the kept numbers are the evaluation's: a fresh one of anchor 2 gives the same
+    # the kept numbers are the evaluation's: a fresh one of anchor 2 gives the same (the same samples,
+    # so reward and quantiles exactly; KL's forward pass of pi_0 ran in another process: float noise)
     pool = store.root / "eval" / "eval_pool.parquet"
     fresh = evaluate.evaluate_policy(store.anchor(2)["anchor_path"], store.anchor(0)["anchor_path"], pool, REWARD,
                                      EVAL["samples_per_prompt"], EVAL["max_new_tokens"])
     kept = json.loads((store.root / "eval" / "anchor=2.json").read_text())
     assert {k: fresh[k] for k in ("reward", "p_le", "log_p_le", "kl", "samples")} == pytest.approx(
-        {k: kept[k] for k in ("reward", "p_le", "log_p_le", "kl", "samples")}, rel=1e-9, abs=1e-12)
+        {k: kept[k] for k in ("reward", "p_le", "log_p_le", "kl", "samples")}, rel=1e-5, abs=1e-9)
 
 
 @pytest.mark.slow
