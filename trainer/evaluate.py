@@ -278,9 +278,16 @@ def plot_reward_vs_kl(rows: list[dict], out_png: Path, n: int, bon: list[dict] |
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=8, ncol=1)  # one column: no overlap
     left.set_title(f"quantile vs KL: BOND rounds vs Best-of-{n}^t")
     right.set_title("reward vs KL")
+    return save_figure(fig, out_png)
+
+
+def save_figure(fig, out_png: Path) -> Path:
+    """Write a matplotlib figure as PNG atomically, cut to its contents (no label clipped), and close it."""
+    import matplotlib.pyplot as plt
+
     try:
         with atomic_path(out_png) as tmp:
             fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
-    return out_png
+    return Path(out_png)

@@ -29,7 +29,7 @@ import json
 from pathlib import Path
 
 from bond_data.build import catalog_record
-from bond_data.files import atomic_path, write_text_atomic
+from bond_data.files import write_text_atomic
 from bond_data.store import Store, StoreError
 from trainer import evaluate
 
@@ -285,12 +285,7 @@ def plot_training_loss(metrics: list[dict], out_png: Path, title: str) -> Path:
     left.legend(fontsize=8)
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    try:
-        with atomic_path(out_png) as tmp:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return out_png
+    return evaluate.save_figure(fig, out_png)
 
 
 def write_round_report(store: Store, R: int, facts: dict | None = None) -> Path:

@@ -13,8 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bond_data import build
-from testutil import run_generation, run_scoring
 from trainer import train as train_mod
 from trainer.anchor import ema_update
 from trainer.config import TrainConfig
@@ -23,14 +21,6 @@ from trainer.fsdp import anchor_copy
 HELPERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers")
 FLAGS = ["--micro-batch-size", "8", "--epochs", "2", "--lr", "1e-3", "--warmup-steps", "2",
          "--checkpoint-every", "2", "--eta", "0.1", "--fsdp", "true"]
-
-
-@pytest.fixture
-def round0(store):
-    run_generation(store, k=8, max_new_tokens=6)
-    run_scoring(store)
-    build.build_dataset(store, 0, n=4)
-    return store
 
 
 def torchrun(nproc: int, store_root, *extra: str, script: list[str] | None = None, port: int = 29541, check=True):

@@ -14,19 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bond_data import build
 from trainer.config import TrainConfig
-from testutil import run_generation, run_scoring
 from trainer import train as train_mod
 from trainer.checkpoints import is_complete
-
-
-@pytest.fixture
-def round0(store):
-    run_generation(store, k=8, max_new_tokens=6)
-    run_scoring(store)
-    build.build_dataset(store, 0, n=4)
-    return store
 
 
 def cfg(**kw):

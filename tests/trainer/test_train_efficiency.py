@@ -10,20 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bond_data import build
-from testutil import run_generation, run_scoring
 from trainer import train as train_mod
 from trainer.config import TrainConfig
 from trainer.logprobs import batch_logprobs
 from trainer.packing import collate_packed
-
-
-@pytest.fixture
-def round0(store):
-    run_generation(store, k=8, max_new_tokens=6)
-    run_scoring(store)
-    build.build_dataset(store, 0, n=4)
-    return store
 
 
 def trained(root, **kw) -> tuple[dict, dict]:
