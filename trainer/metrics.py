@@ -36,6 +36,14 @@ class MetricsLog:
             self.progress.close()
             self.file.close()
 
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Closed on the way out, a failed step included: the bar's timer thread stops (in a
+        long-lived process, a Prefect worker or a notebook, it would otherwise print forever)."""
+        self.close()
+
 
 def _truncate_after(path: Path, step: int) -> None:
     """Keep the lines of steps <= `step` (a torn last line is dropped too)."""

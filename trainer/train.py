@@ -101,27 +101,27 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     step = _restore(resume, policy, opt, sched, ema, sharded_resume) if resume else 0
 
-    log = MetricsLog(run_dir / "metrics.jsonl", rank, total=len(plan), start=step, label=f"train round {cfg.round}")
-    metrics: dict = {}
-    fed = {"tokens": 0, "positions": 0}  # this run's steps: the padding share it prints
-    global_rows = cfg.micro_batch_size * cfg.grad_accum * world
-    while step < len(plan):
-        t0 = time.perf_counter()
-        batch = [[rows[i] for i in micro] for micro in plan[step][rank]]
-        metrics = train_step(model, batch, cfg.beta, cfg.gamma, global_rows, world, device, precision,
-                             packing=cfg.packing, pack_length=cfg.pack_length)  # forward + backward
-        metrics["grad_norm"] = _clip_gradients(trainable, cfg.max_grad_norm)
-        fed = {k: fed[k] + metrics[k] for k in fed}
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema_update(ema, _anchor_state(policy), cfg.eta)
-        step += 1
-        log.write(step, metrics, time.perf_counter() - t0, sched.get_last_lr()[0])
-        if step % cfg.checkpoint_every == 0 or step == len(plan):
-            _checkpoint(run_dir / f"step-{step}", policy, tokenizer, opt, sched, ema, step, rank, world, cfg.fsdp)
-    log.close()
+    label = f"train round {cfg.round}"
+    with MetricsLog(run_dir / "metrics.jsonl", rank, total=len(plan), start=step, label=label) as log:
+        metrics: dict = {}
+        fed = {"tokens": 0, "positions": 0}  # this run's steps: the padding share it prints
+        global_rows = cfg.micro_batch_size * cfg.grad_accum * world
+        while step < len(plan):
+            t0 = time.perf_counter()
+            batch = [[rows[i] for i in micro] for micro in plan[step][rank]]
+            metrics = train_step(model, batch, cfg.beta, cfg.gamma, global_rows, world, device, precision,
+                                 packing=cfg.packing, pack_length=cfg.pack_length)  # forward + backward
+            metrics["grad_norm"] = _clip_gradients(trainable, cfg.max_grad_norm)
+            fed = {k: fed[k] + metrics[k] for k in fed}
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema_update(ema, _anchor_state(policy), cfg.eta)
+            step += 1
+            log.write(step, metrics, time.perf_counter() - t0, sched.get_last_lr()[0])
+            if step % cfg.checkpoint_every == 0 or step == len(plan):
+                _checkpoint(run_dir / f"step-{step}", policy, tokenizer, opt, sched, ema, step, rank, world, cfg.fsdp)
 
     final = _final_model(policy, ema, cfg, anchor["anchor_path"], rank)  # rank 0: a plain model to register
     result = _refresh_anchor(store, cfg, dataset, anchor, final, tokenizer, rank, world, precision)

@@ -71,3 +71,20 @@ def test_training_progress_off_a_terminal_is_plain_lines_with_steps_and_loss(tmp
     log.close()
     lines = [line.split(", ")[:2] for line in capsys.readouterr().err.splitlines()]
     assert lines == [["train round 1: 3/4 steps (75%)", "loss 0.7500"], ["train round 1: 4/4 steps (100%)", "loss 0.5000"]]
+
+
+def test_a_failed_training_step_stops_the_progress_and_closes_the_metrics(tmp_path):
+    """Off a terminal the bar runs a timer thread; a step that raises must not leave it printing
+    (in a Prefect worker or a notebook it would print every few seconds for the process's life)."""
+    import threading
+
+    import pytest
+
+    from trainer.metrics import MetricsLog
+
+    with pytest.raises(RuntimeError, match="step failed"):
+        with MetricsLog(tmp_path / "metrics.jsonl", 0, total=10, start=0, label="train round 9") as log:
+            assert log.progress.ticker is not None and log.progress.ticker.is_alive()
+            raise RuntimeError("step failed")
+    assert log.file.closed and not log.progress.ticker.is_alive()
+    assert not [t for t in threading.enumerate() if t.name == "progress train round 9"]
