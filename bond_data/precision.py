@@ -102,3 +102,22 @@ def check_training(requested: str | None, pool: str | None, device: torch.device
             f"{requested!r}; log pi/A would not be 1 at initialisation. Train with `--precision {pool}` (or leave it "
             f"unset to follow the pool), or regenerate the round with `--precision {requested}`")
     return pool
+
+
+def right_padded(prompts: list[list[int]], completions: list[list[int]], device: torch.device):
+    """(prompt ids, completion ids) pairs -> right-padded [B, T] input ids and attention mask, and the
+    [B, T-1] mask that is 1 where position t predicts a completion token t + 1: the one layout of the
+    generator's teacher-forced log A pass and the trainer's full-logits reference, so both run the
+    same shapes (and kernels)."""
+    import torch
+
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    width = max(map(len, seqs))
+    input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    attention = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width - 1)
+    for b, (p, seq) in enumerate(zip(prompts, seqs)):
+        input_ids[b, : len(seq)] = torch.tensor(seq)
+        attention[b, : len(seq)] = 1
+        mask[b, len(p) - 1 : len(seq) - 1] = 1  # position t predicts token t + 1
+    return input_ids.to(device), attention.to(device), mask.to(device)

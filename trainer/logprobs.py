@@ -28,16 +28,9 @@ def collate(rows: list[dict], device: torch.device):
     """Rows {"prompt": ids, "completion": ids} -> right-padded [B, T] input ids and attention mask,
     [B, T-1] labels (the next tokens) and mask (1 on completion positions): the layout of the
     full-logits path (`sequence_logprobs` in trainer/losses.py), kept as the reference."""
-    seqs = [r["prompt"] + r["completion"] for r in rows]
-    width = max(map(len, seqs))
-    input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    attention = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width - 1)
-    for b, (r, s) in enumerate(zip(rows, seqs)):
-        input_ids[b, : len(s)] = torch.tensor(s)
-        attention[b, : len(s)] = 1
-        mask[b, len(r["prompt"]) - 1 : len(s) - 1] = 1  # position t predicts token t + 1
-    return input_ids.to(device), attention.to(device), input_ids[:, 1:].to(device), mask.to(device)
+    input_ids, attention, mask = precision_policy.right_padded([r["prompt"] for r in rows],
+                                                               [r["completion"] for r in rows], device)
+    return input_ids, attention, input_ids[:, 1:], mask
 
 
 def autocast(device: torch.device):

@@ -210,16 +210,8 @@ class TransformersBackend:
         exactly as the trainer collates a micro-batch (trainer/logprobs.py), instead of summed over
         KV-cache decode steps, which round differently in bf16. `sample_logprob` follows it when the
         sampler is the anchor (temperature 1, top_p 1); a tempered sampler's stays the decode's."""
-        seqs = [r[2] + c.token_ids for r, c in zip(batch, completions)]
-        width = max(map(len, seqs))
-        input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        attention = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width - 1)
-        for b, (r, seq) in enumerate(zip(batch, seqs)):
-            input_ids[b, : len(seq)] = torch.tensor(seq)
-            attention[b, : len(seq)] = 1
-            mask[b, len(r[2]) - 1 : len(seq) - 1] = 1  # position t predicts token t + 1
-        input_ids, attention, mask = input_ids.to(self.device), attention.to(self.device), mask.to(self.device)
+        input_ids, attention, mask = precision_policy.right_padded([r[2] for r in batch],
+                                                                   [c.token_ids for c in completions], self.device)
         logits = self.model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]  # [B, T-1, V]
         token_logp = torch.log_softmax(logits.float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [B, T-1]
         logp = (token_logp * mask).sum(-1).double().tolist()  # [B]
