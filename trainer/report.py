@@ -61,9 +61,10 @@ def _bon_ns(store: Store, up_to: int, facts: dict | None = None) -> dict[int, in
 
 
 def evaluate_anchors(store: Store, up_to: int, prompts: str, reward: str, pool_k: int = 64,
-                     samples_per_prompt: int = 8, max_new_tokens: int = 16) -> list[dict]:
+                     samples_per_prompt: int = 8, max_new_tokens: int = 16, facts: dict | None = None) -> list[dict]:
     """Each anchor 0..up_to against pi_0 (round 0's anchor) on the held-out prompts, reusing every
-    kept result whose anchor, settings and pool still match; the evaluations, in round order."""
+    kept result whose anchor, settings and pool still match; the evaluations, in round order.
+    `facts`: a `Store.report_facts()` snapshot to reuse."""
     pi0 = store.anchor(0)["anchor_path"]
     pool = evaluate.ensure_eval_pool(store.root / EVAL, pi0, prompts, reward, k=pool_k, max_new_tokens=max_new_tokens)
     pool_record = json.loads((pool.parent / evaluate.META_FILE).read_text())
@@ -79,7 +80,7 @@ def evaluate_anchors(store: Store, up_to: int, prompts: str, reward: str, pool_k
             kept = {"round": t, "key": key, **{k: m[k] for k in ("reward", "p_le", "log_p_le", "kl", "samples")}}
             write_text_atomic(json.dumps(kept, indent=1, sort_keys=True) + "\n", path)
         out.append(kept)
-    evaluate_bon(store, sorted(set(_bon_ns(store, up_to).values())), pool, pool_record, pi0, reward,
+    evaluate_bon(store, sorted(set(_bon_ns(store, up_to, facts).values())), pool, pool_record, pi0, reward,
                  samples_per_prompt, max_new_tokens, Path(prompts).name)
     return out
 
@@ -354,8 +355,9 @@ def report_round(store: Store, R: int, prompts: str | None, reward: str, pool_k:
     """What `bond rounds` runs after training round R: evaluate anchors 0..R+1 on the held-out
     prompts (kept results reused; skipped when `prompts` is None), then write round R's report and
     the index. Returns the report's path and the new anchor's evaluation (None when skipped)."""
-    evals = evaluate_anchors(store, R + 1, prompts, reward, pool_k, samples_per_prompt, max_new_tokens) if prompts else []
-    facts = store.report_facts()
+    facts = store.report_facts()  # the catalog only: evaluating writes nothing there
+    evals = (evaluate_anchors(store, R + 1, prompts, reward, pool_k, samples_per_prompt, max_new_tokens, facts)
+             if prompts else [])
     path = write_round_report(store, R, facts)
     write_index(store, facts)
     return {"round": R, "report": str(path), "evaluation": evals[-1] if evals else None}
