@@ -114,12 +114,14 @@ def measure_traced(policy: str, task, pool_path: Path, seed: int, samples: int =
         d = a - b
         per_pos[: min(len(d), width - 1)] += d[: width - 1]
         per_pos[-1] += d[width - 1 :].sum()
+    well_formed = np.array([bool(fidelity_digits_re().fullmatch(c.text)) for c in flat])
+    log_ratio = recorded - np.array([b.sum() for b in lp_0])  # [samples] log pi - log pi_0
     return {"reward": float(rewards.mean()), "log_p_le": float(np.log(p_le).mean()), "p_le": float(p_le.mean()),
-            "kl": float((recorded - np.array([b.sum() for b in lp_0])).mean()),
-            "kl_se": float((recorded - np.array([b.sum() for b in lp_0])).std(ddof=1) / np.sqrt(len(flat))),
+            "kl": float(log_ratio.mean()), "kl_se": float(log_ratio.std(ddof=1) / np.sqrt(len(flat))),
             "kl_position": (per_pos / len(flat)).tolist(),
             "logp_gap": float(np.max(np.abs(recorded - np.array([a.sum() for a in lp_pi])))),
-            "well_formed": float(np.mean([bool(fidelity_digits_re().fullmatch(c.text)) for c in flat])),
+            "well_formed": float(np.mean(well_formed)),
+            "kl_malformed": float(np.sum(log_ratio[~well_formed]) / len(flat)),  # their share of "kl"
             **first_digit_split(first_digit_laws(policy, prompts), first_digit_laws(str(task.model_dir), prompts))}
 
 
@@ -198,7 +200,8 @@ def expected_log_weight(lt: np.ndarray, le: np.ndarray, k: np.ndarray, n: int = 
     return np.log(n) + (n - 1) * (mean_h - harmonic[k])  # Euler's gamma cancels
 
 
-def train_traced(base: Store, folder: Path, seed: int, beta: float, lr: float, epochs: int, weighting: str) -> list[Path]:
+def train_traced(base: Store, folder: Path, seed: int, beta: float, lr: float, epochs: int, weighting: str,
+                 self_normalize: bool = False) -> list[Path]:
     """One offline run from the seed's pool with a checkpoint after every epoch; their folders.
     weighting "oracle*": the unbiased dataset with weights replaced (`oracle_weights`, ORACLE)."""
     shutil.rmtree(folder, ignore_errors=True)
@@ -216,7 +219,7 @@ def train_traced(base: Store, folder: Path, seed: int, beta: float, lr: float, e
         write_parquet_atomic(table.set_column(table.schema.get_field_index("bon_weight_pool"), "bon_weight_pool", w), path)
     per_epoch = store.dataset_summary(path)["candidates"]
     steps = per_epoch // fidelity.TRAIN["micro_batch_size"]  # grad_accum 1, one process: steps per epoch
-    cfg = {**fidelity.TRAIN, "lr": lr, "epochs": epochs, "checkpoint_every": steps}
+    cfg = {**fidelity.TRAIN, "lr": lr, "epochs": epochs, "checkpoint_every": steps, "self_normalize": self_normalize}
     train(str(folder), TrainConfig(round=round0, beta=beta, dataset_id=dataset_id, seed=seed, **cfg))
     run = folder / "train" / f"round={round0}" / dataset_id
     return [run / f"step-{steps * e}" for e in range(1, epochs + 1)]
@@ -291,7 +294,8 @@ def tables(rows: list[dict], epochs: list[int]) -> str:
     each run's KL by position at the last epoch asked."""
     groups: dict[tuple, list[dict]] = {}
     for r in sorted(rows, key=lambda r: r["seed"]):
-        groups.setdefault((r["weighting"], r["beta"], r["lr"], r.get("k", 16), r["epoch"]), []).append(r)
+        w = r["weighting"] + ("+snis" if r.get("backward") == "snis" else "")
+        groups.setdefault((w, r["beta"], r["lr"], r.get("k", 16), r["epoch"]), []).append(r)
     lines = ["| weights (forward / backward) | beta | lr | k | epoch | seeds | gain (each seed) | KL / BoN-8's (each seed) |",
              "|---|---:|---:|---:|---:|---:|---|---|"]
     for (w, beta, lr, k, epoch), rs in sorted(groups.items()):
@@ -302,19 +306,25 @@ def tables(rows: list[dict], epochs: list[int]) -> str:
         pct, times = (lambda v: f"{100 * v:.0f}%"), (lambda v: f"{v:.2f}x")
         lines.append(f"| {WEIGHTS_LABEL.get(w, w)} | {beta} | {lr} | {k} | {epoch} | {len(rs)} | {pct(g.mean())}{sd(g, pct)} "
                      f"({', '.join(pct(v) for v in g)}) | {times(kl.mean())}{sd(kl, times)} ({', '.join(times(v) for v in kl)}) |")
-    lines += ["", "| weights (forward / backward) | beta | seed | epoch | KL | d1 | d2 | d3..d10 | space, EOS, beyond |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", ("| weights (forward / backward) | beta | lr | k | epoch | seed | KL | d1 | d2 | d3..d10 | space, EOS, beyond "
+              "| malformed samples | KL on them |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    last = {key[:4]: max(e for *k2, e in groups if tuple(k2) == key[:4] and e in epochs) for key in groups
+            if any(e in epochs for *k2, e in groups if tuple(k2) == key[:4])}
     for (w, beta, lr, k, epoch), rs in sorted(groups.items()):
-        if epoch == max(epochs):
-            lines += [f"| {WEIGHTS_LABEL.get(w, w)} | {beta} | {r['seed']} | {epoch} | {r['kl']:.3f} | {split(r)} |" for r in rs]
+        if last.get((w, beta, lr, k)) == epoch:  # each setting at the last epoch asked that it reached
+            lines += [f"| {WEIGHTS_LABEL.get(w, w)} | {beta} | {lr} | {k} | {epoch} | {r['seed']} | {r['kl']:.3f} | {split(r)} "
+                      f"| {1 - r['well_formed']:.1%} | {r['kl_malformed']:.3f} |" if "kl_malformed" in r else
+                      f"| {WEIGHTS_LABEL.get(w, w)} | {beta} | {lr} | {k} | {epoch} | {r['seed']} | {r['kl']:.3f} | {split(r)} "
+                      f"| {1 - r['well_formed']:.1%} | - |" for r in rs]
     bon_kl = bon_position_kl(N)
-    lines.append(f"| Best-of-8, exact (Uniform reward) | | | | {bon_kl.sum():.3f} | {bon_kl[0]:.3f} | {bon_kl[1]:.3f} | "
-                 f"{bon_kl[2:].sum():.3f} | 0 |")
+    lines.append(f"| Best-of-8, exact (Uniform reward) | | | | | | {bon_kl.sum():.3f} | {bon_kl[0]:.3f} | {bon_kl[1]:.3f} | "
+                 f"{bon_kl[2:].sum():.3f} | 0 | | |")
     return "\n".join(lines)
 
 
 WEIGHTS_LABEL = {"unbiased": "unbiased / pool (the default)", "pool": "pool / pool", "oracle": "exact / exact",
-                 "oracle-fwd": "exact / pool", "oracle-bwd": "unbiased / exact", "digamma-bwd": "unbiased / E[log w | rank]"}
+                 "oracle-fwd": "exact / pool", "oracle-bwd": "unbiased / exact", "digamma-bwd": "unbiased / E[log w given rank]",
+                 "unbiased+snis": "unbiased / pool, self-normalized backward"}
 
 
 def main() -> None:
@@ -326,6 +336,9 @@ def main() -> None:
     ap.add_argument("--weighting", default="unbiased", choices=["unbiased", "pool", "digamma-bwd", *ORACLE])
     ap.add_argument("--k", type=int, default=16, help="pool size per training prompt (fidelity.py: 16)")
     ap.add_argument("--out", type=Path, default=Path("bench-out/fidelity-trace"))
+    ap.add_argument("--backward", default="pool", choices=["pool", "snis"],
+                    help="snis: train with self_normalize (the backward term's rho / mean rho, trainer/losses.py)")
+    ap.add_argument("--force", action="store_true", help="train and measure again even if trace.json has the rows")
     ap.add_argument("--table", type=int, nargs="*", help="only print the tables of trace.json at these epochs")
     args = ap.parse_args()
     if args.table is not None:
@@ -353,20 +366,23 @@ def main() -> None:
               f"{ref['bon']['kl']:.3f}; pi_0 KL by position {np.round(ref['pi0']['kl_position'], 3).tolist()}", flush=True)
         for beta in args.beta:
             for lr in args.lr:
-                key = {"seed": seed, "beta": beta, "lr": lr, "weighting": args.weighting, "k": args.k}
+                key = {"seed": seed, "beta": beta, "lr": lr, "weighting": args.weighting, "k": args.k,
+                       "backward": args.backward}
                 have = {r["epoch"] for r in rows if all(r[k] == v for k, v in key.items())}
-                if all(e in have for e in range(1, args.epochs + 1)):
+                if all(e in have for e in range(1, args.epochs + 1)) and not args.force:
                     continue
-                folder = work / f"b{beta}-lr{lr}-{args.weighting}-k{args.k}"
-                for epoch, ckpt in enumerate(train_traced(base, folder, seed, beta, lr, args.epochs, args.weighting), 1):
+                folder = work / f"b{beta}-lr{lr}-{args.weighting}-k{args.k}-{args.backward}"
+                for epoch, ckpt in enumerate(train_traced(base, folder, seed, beta, lr, args.epochs, args.weighting,
+                                                                     args.backward == "snis"), 1):
                     row = {**key, "epoch": epoch, **measure_traced(str(ckpt), task, pool, seed)}
                     row["gain"], row["kl_ratio"] = ratios(row, ref)
                     rows = [r for r in rows if not (all(r[k] == v for k, v in key.items()) and r["epoch"] == epoch)]
                     rows.append(row)
                     trace_path.write_text(json.dumps(rows, indent=1))
-                    print(f"seed {seed} beta {beta} lr {lr} {args.weighting} k {args.k} epoch {epoch}: gain {row['gain']:.1%} KL {row['kl']:.3f} "
+                    print(f"seed {seed} beta {beta} lr {lr} {args.weighting} k {args.k} {args.backward} epoch {epoch}: gain {row['gain']:.1%} KL {row['kl']:.3f} "
                           f"({row['kl_ratio']:.2f}x) by position {np.round(row['kl_position'], 3).tolist()} "
-                          f"logp gap {row['logp_gap']:.1e}; d1 KL exact {row['d1_kl']:.3f}, of the mean law "
+                          f"logp gap {row['logp_gap']:.1e}; malformed {1 - row['well_formed']:.3f} carrying KL "
+                          f"{row['kl_malformed']:.3f}; d1 KL exact {row['d1_kl']:.3f}, of the mean law "
                           f"{row['d1_kl_of_mean']:.3f}, mean law {np.round(row['d1_law'], 3).tolist()}", flush=True)
                 shutil.rmtree(folder, ignore_errors=True)  # checkpoints: ~MBs each, measured
 

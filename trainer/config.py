@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from bond_data.config import DEVICE_PATTERN, Config
 from trainer.lora import parse_lora
@@ -21,6 +21,8 @@ class TrainConfig(Config):
     dataset_id: str | None = Field(None, description="which of the round's datasets; none takes the newest")
     beta: float = Field(0.5, ge=0, le=1, description="Jeffreys mix: 0 forward KL (mode covering) .. 1 backward KL (mode seeking)")
     gamma: float = Field(0.0, ge=0, description="weight of KL(pi || anchor), estimated on the anchor's pool")
+    self_normalize: bool = Field(False, description="backward term: importance weights rho / mean(rho) over each micro-batch, "
+                                 "so moving mass off the pool no longer lowers it (trainer/losses.py); needs micro-batches of several rows")
     eta: float = Field(0.0, ge=0, le=1, description="EMA anchor step per optimizer step; 0 = hard refresh at the end")
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate (linear warm-up, then constant)")
     warmup_steps: int = Field(10, ge=0, description="optimizer steps of linear warm-up")
@@ -55,6 +57,12 @@ class TrainConfig(Config):
         if v is not None:
             parse_lora(v)  # ValueError -> a one-line ConfigError naming the field
         return v
+
+    @model_validator(mode="after")
+    def _normalizable(self) -> TrainConfig:
+        if self.self_normalize and self.micro_batch_size < 2:  # one row: rho / mean(rho) = 1, no signal
+            raise ValueError("field 'self_normalize': needs micro_batch_size >= 2 (it normalizes over a micro-batch's rows)")
+        return self
 
 
 class OnlineConfig(Config):

@@ -22,6 +22,14 @@ price is a slightly weaker backward target when N is near k; with N << k the two
   rho_i = w_i / e, i.e. the policy is rewarded for moving mass *off* the pool, where the estimator
   cannot see it (the plain estimator diverged in bench/fidelity.py). With them each term is a
   Bregman divergence, >= 0 and minimal exactly at rho_i = w_i: pi = pi_BoN on the pool.
+  It still pays, early on, to move mass off the pool along a direction every pool sample shares
+  (scaling every rho by c): from pi = A the estimate falls until c = exp(mean log w), about
+  exp(-KL(A || pi_BoN)), e.g. e^-4.9 at N = 8. On `digits` that made 7% to 40% of the policy's
+  samples malformed after one epoch, and 2% to 4% (pi_0: 0.6%) still after four, carrying most of
+  the excess KL (bench/RESULTS.md, "Tracing the digits KL overshoot"). `self_normalize=True`
+  divides rho by its mean over the rows, rho_i / mean_j rho_j (self-normalized importance
+  sampling), so such a shift changes nothing; a pool distributed exactly as A gives the same value
+  and gradient as before (mean rho = 1 there). It needs rows of several prompts per call.
 - Jeffreys  J_beta = (1 - beta) forward + beta backward, plus gamma KL(pi || A), estimated the same
   way: (1/k) sum_i [rho_i log rho_i - rho_i + 1].
 
@@ -46,9 +54,12 @@ def forward_kl_loss(logp_policy: torch.Tensor, weight: torch.Tensor) -> torch.Te
     return -(weight * logp_policy).mean()
 
 
-def backward_kl_loss(logp_policy: torch.Tensor, logp_anchor: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Importance-sampled KL(pi || pi_BoN) on the anchor's pool."""
+def backward_kl_loss(logp_policy: torch.Tensor, logp_anchor: torch.Tensor, weight: torch.Tensor,
+                     self_normalize: bool = False) -> torch.Tensor:
+    """Importance-sampled KL(pi || pi_BoN) on the anchor's pool; self_normalize: rho / mean(rho)."""
     log_rho = logp_policy - logp_anchor  # [B]
+    if self_normalize:  # log(rho_i / mean_j rho_j): a common shift of every log rho cancels
+        log_rho = log_rho - (torch.logsumexp(log_rho, 0) - math.log(log_rho.numel()))
     rho = log_rho.exp()
     # w = 0 (a sample Best-of-N never picks, e.g. RS-SFT's losers): pi_BoN = 0 there, and the
     # term is +inf unless rho = 0; clamping log w keeps it finite and pushes rho to 0.
@@ -64,12 +75,14 @@ def anchor_kl_loss(logp_policy: torch.Tensor, logp_anchor: torch.Tensor) -> torc
 
 
 def jeffreys_loss(logp_policy: torch.Tensor, logp_anchor: torch.Tensor, weight: torch.Tensor,
-                  beta: float, gamma: float = 0.0, weight_pool: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                  beta: float, gamma: float = 0.0, weight_pool: torch.Tensor | None = None,
+                  self_normalize: bool = False) -> dict[str, torch.Tensor]:
     """J_beta + gamma KL(pi || A), and each term (detached) for logging: the forward term with
-    `weight`, the backward term with `weight_pool` (default: `weight`; see the module docstring). A
-    term whose coefficient is 0 stays out of the graph (0 * inf would be NaN)."""
+    `weight`, the backward term with `weight_pool` (default: `weight`; see the module docstring),
+    self-normalized over the rows if asked. A term whose coefficient is 0 stays out of the graph
+    (0 * inf would be NaN)."""
     fwd = forward_kl_loss(logp_policy, weight)
-    bwd = backward_kl_loss(logp_policy, logp_anchor, weight if weight_pool is None else weight_pool)
+    bwd = backward_kl_loss(logp_policy, logp_anchor, weight if weight_pool is None else weight_pool, self_normalize)
     reg = anchor_kl_loss(logp_policy, logp_anchor)
     loss = sum(c * term for c, term in ((1 - beta, fwd), (beta, bwd), (gamma, reg)) if c != 0)
     return {"loss": loss, "forward": fwd.detach(), "backward": bwd.detach(), "anchor_kl": reg.detach()}

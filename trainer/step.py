@@ -16,10 +16,12 @@ from trainer.packing import collate_packed, collate_padded
 
 
 def train_step(model, micro_batches: list[list[dict]], beta: float, gamma: float, global_rows: int, world: int,
-               device: torch.device, precision: str = "auto", packing: bool = True, pack_length: int | None = None) -> dict:
+               device: torch.device, precision: str = "auto", packing: bool = True, pack_length: int | None = None,
+               self_normalize: bool = False) -> dict:
     """Forward + backward over this rank's micro-batches of rows (prompt ids, completion ids, weight,
     weight_pool, log A); losses scaled so that the summed (and DDP-averaged) gradient is that of the mean over
-    the `global_rows` rows of the global batch. `model`: a SequenceLogprobs (maybe DDP / FSDP-wrapped; a bare
+    the `global_rows` rows of the global batch; self_normalize: the backward term's importance weights
+    normalized over each micro-batch (trainer/losses.py). `model`: a SequenceLogprobs (maybe DDP / FSDP-wrapped; a bare
     causal LM gets wrapped); `precision`: bond_data/precision.py (auto: by device)."""
     if hasattr(model, "get_decoder"):  # a bare transformers model
         model = SequenceLogprobs(model)
@@ -32,7 +34,7 @@ def train_step(model, micro_batches: list[list[dict]], beta: float, gamma: float
         logp_anchor = torch.tensor([r["logp_anchor"] for r in rows], device=device, dtype=torch.float32)
         with _gradient_sync(model, last=i == len(micro_batches) - 1, world=world):
             logp_policy = batch_logprobs(model, batch, device, precision)  # [B]
-            terms = jeffreys_loss(logp_policy, logp_anchor, weight, beta, gamma, weight_pool)
+            terms = jeffreys_loss(logp_policy, logp_anchor, weight, beta, gamma, weight_pool, self_normalize)
             scale = len(rows) / global_rows * world
             (terms["loss"] * scale).backward()
         for k in ("loss", "forward", "backward", "anchor_kl"):

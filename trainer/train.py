@@ -110,7 +110,8 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
             t0 = time.perf_counter()
             batch = [[rows[i] for i in micro] for micro in plan[step][rank]]
             metrics = train_step(model, batch, cfg.beta, cfg.gamma, global_rows, world, device, precision,
-                                 packing=cfg.packing, pack_length=cfg.pack_length)  # forward + backward
+                                 packing=cfg.packing, pack_length=cfg.pack_length,
+                                 self_normalize=cfg.self_normalize)  # forward + backward
             metrics["grad_norm"] = _clip_gradients(trainable, cfg.max_grad_norm)
             fed = {k: fed[k] + metrics[k] for k in fed}
             opt.step()

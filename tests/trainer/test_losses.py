@@ -106,14 +106,65 @@ def exact_bon(anchor: np.ndarray, reward: np.ndarray, n: int) -> np.ndarray:
     return anchor * bon.bon_weight(p_lt, p_le, n)
 
 
-def test_backward_gradient_equals_the_exact_kl_gradient():
+def test_self_normalized_backward_matches_a_naive_loop():
+    lp, la, w, _, _ = pool(seed=3)
+    rho = [math.exp(a - b) for a, b in zip(lp.tolist(), la.tolist())]
+    mean = sum(rho) / len(rho)
+    naive = sum(r / mean * (math.log(r / mean) - math.log(x)) - r / mean + x for r, x in zip(rho, w.tolist())) / len(rho)
+    assert losses.backward_kl_loss(lp, la, w, self_normalize=True).item() == pytest.approx(naive)
+    out = losses.jeffreys_loss(lp, la, w, beta=0.4, self_normalize=True)
+    assert out["backward"].item() == pytest.approx(naive)
+
+
+def test_self_normalized_backward_gains_nothing_from_moving_mass_off_the_pool():
+    """From pi = A, lowering every rho alike (mass moved to sequences no pool holds) lowers the plain
+    estimate, down to c = exp(mean log w); the self-normalized one does not move, and its gradient
+    along that direction is 0."""
+    _, la, w, _, _ = pool(seed=4)
+    w = w * 0.2  # mean log w well below 0, as Best-of-N's pool weights
+    for normalize in (False, True):
+        at = {c: losses.backward_kl_loss(la + c, la, w, self_normalize=normalize).item() for c in (0.0, -1.0)}
+        if normalize:
+            assert at[-1.0] == pytest.approx(at[0.0])
+        else:
+            assert at[-1.0] < at[0.0] - 0.1
+    shift = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    logp = (la + 0.3 * torch.randn(la.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))).detach()
+    (grad,) = torch.autograd.grad(losses.backward_kl_loss(logp + shift, la, w, self_normalize=True), shift)
+    assert abs(grad.item()) < 1e-12
+
+
+def test_self_normalized_backward_is_minimal_at_rho_proportional_to_w():
+    weight = torch.tensor([0.5, 1.5, 3.0], dtype=torch.float64)
+    log_rho = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([log_rho], lr=0.05)
+    for _ in range(2000):
+        loss = losses.backward_kl_loss(log_rho, torch.zeros(3, dtype=torch.float64), weight, self_normalize=True)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ratio = (log_rho.detach() - log_rho.detach()[0]).exp()
+    torch.testing.assert_close(ratio, weight / weight[0], atol=1e-3, rtol=0)
+
+
+def test_self_normalize_needs_several_rows_per_micro_batch():
+    from trainer.config import TrainConfig
+
+    with pytest.raises(ValueError, match="self_normalize"):
+        TrainConfig(self_normalize=True, micro_batch_size=1)
+    assert TrainConfig(self_normalize=True, micro_batch_size=2).self_normalize
+
+
+@pytest.mark.parametrize("self_normalize", [False, True])
+def test_backward_gradient_equals_the_exact_kl_gradient(self_normalize):
+    """A pool distributed exactly as A: mean rho = 1, so the self-normalized estimate is the same."""
     n = 3
     target = torch.tensor(exact_bon(ANCHOR.numpy(), REWARD, n))
     w_outcome = target / ANCHOR
     rows = torch.tensor([y for y, c in enumerate(COUNTS) for _ in range(c)])  # a pool distributed as A
     theta = torch.randn(4, dtype=torch.float64, requires_grad=True)
     logp = torch.log_softmax(theta, 0)
-    est = losses.backward_kl_loss(logp[rows], ANCHOR.log()[rows], w_outcome[rows])
+    est = losses.backward_kl_loss(logp[rows], ANCHOR.log()[rows], w_outcome[rows], self_normalize)
     (g_est,) = torch.autograd.grad(est, theta)
     theta2 = theta.detach().clone().requires_grad_(True)
     pi = torch.softmax(theta2, 0)
