@@ -294,31 +294,55 @@ def tables(rows: list[dict], epochs: list[int]) -> str:
     each run's KL by position at the last epoch asked."""
     groups: dict[tuple, list[dict]] = {}
     for r in sorted(rows, key=lambda r: r["seed"]):
-        w = r["weighting"] + ("+snis" if r.get("backward") == "snis" else "")
+        w = WEIGHTS_LABEL.get(r["weighting"], r["weighting"]) + (", self-normalized" if r.get("backward") == "snis" else "")
         groups.setdefault((w, r["beta"], r["lr"], r.get("k", 16), r["epoch"]), []).append(r)
-    lines = ["| weights (forward / backward) | beta | lr | k | epoch | seeds | gain (each seed) | KL / BoN-8's (each seed) |",
-             "|---|---:|---:|---:|---:|---:|---|---|"]
+    lines = [("| weights (forward / backward) | beta | lr | k | epoch | seeds | gain (each seed) | KL / BoN-8's (each seed) "
+             "| malformed (mean) |"), "|---|---:|---:|---:|---:|---:|---|---|---:|"]
     for (w, beta, lr, k, epoch), rs in sorted(groups.items()):
         if epoch not in epochs:
             continue
         g, kl = np.array([r["gain"] for r in rs]), np.array([r["kl_ratio"] for r in rs])
         sd = lambda x, f: f" ± {f(x.std(ddof=1))}" if x.size > 1 else ""
         pct, times = (lambda v: f"{100 * v:.0f}%"), (lambda v: f"{v:.2f}x")
-        lines.append(f"| {WEIGHTS_LABEL.get(w, w)} | {beta} | {lr} | {k} | {epoch} | {len(rs)} | {pct(g.mean())}{sd(g, pct)} "
-                     f"({', '.join(pct(v) for v in g)}) | {times(kl.mean())}{sd(kl, times)} ({', '.join(times(v) for v in kl)}) |")
+        lines.append(f"| {w} | {beta} | {lr} | {k} | {epoch} | {len(rs)} | {pct(g.mean())}{sd(g, pct)} "
+                     f"({', '.join(pct(v) for v in g)}) | {times(kl.mean())}{sd(kl, times)} ({', '.join(times(v) for v in kl)}) "
+                     f"| {1 - np.mean([r['well_formed'] for r in rs]):.1%} |")
     lines += ["", ("| weights (forward / backward) | beta | lr | k | epoch | seed | KL | d1 | d2 | d3..d10 | space, EOS, beyond "
               "| malformed samples | KL on them |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     last = {key[:4]: max(e for *k2, e in groups if tuple(k2) == key[:4] and e in epochs) for key in groups
             if any(e in epochs for *k2, e in groups if tuple(k2) == key[:4])}
     for (w, beta, lr, k, epoch), rs in sorted(groups.items()):
         if last.get((w, beta, lr, k)) == epoch:  # each setting at the last epoch asked that it reached
-            lines += [f"| {WEIGHTS_LABEL.get(w, w)} | {beta} | {lr} | {k} | {epoch} | {r['seed']} | {r['kl']:.3f} | {split(r)} "
+            lines += [f"| {w} | {beta} | {lr} | {k} | {epoch} | {r['seed']} | {r['kl']:.3f} | {split(r)} "
                       f"| {1 - r['well_formed']:.1%} | {r['kl_malformed']:.3f} |" if "kl_malformed" in r else
-                      f"| {WEIGHTS_LABEL.get(w, w)} | {beta} | {lr} | {k} | {epoch} | {r['seed']} | {r['kl']:.3f} | {split(r)} "
+                      f"| {w} | {beta} | {lr} | {k} | {epoch} | {r['seed']} | {r['kl']:.3f} | {split(r)} "
                       f"| {1 - r['well_formed']:.1%} | - |" for r in rs]
     bon_kl = bon_position_kl(N)
     lines.append(f"| Best-of-8, exact (Uniform reward) | | | | | | {bon_kl.sum():.3f} | {bon_kl[0]:.3f} | {bon_kl[1]:.3f} | "
                  f"{bon_kl[2:].sum():.3f} | 0 | | |")
+    return "\n".join(lines)
+
+
+def trajectory(rows: list[dict]) -> str:
+    """Markdown: epoch by epoch, the default run, forward only and the self-normalized backward
+    (lr 1e-3, k = 16, unbiased weights), each seed's gain and KL ratio and the malformed share."""
+    runs = {"default (beta 0.5)": (0.5, "pool"), "forward only (beta 0)": (0.0, "pool"), "self-normalized (beta 0.5)": (0.5, "snis")}
+    lines = ["| epoch | " + " | ".join(f"{name}: gain | KL / BoN-8's | malformed" for name in runs) + " |",
+             "|---:|" + "---|---|---:|" * len(runs)]
+    for epoch in range(1, 1 + max((r["epoch"] for r in rows), default=0)):
+        cells = []
+        for beta, backward in runs.values():
+            rs = sorted((r for r in rows if r["weighting"] == "unbiased" and r["beta"] == beta and r["lr"] == 1e-3
+                         and r.get("k", 16) == 16 and r.get("backward", "pool") == backward and r["epoch"] == epoch),
+                        key=lambda r: r["seed"])
+            if not rs:
+                cells += ["-"] * 3
+                continue
+            g, kl = np.array([r["gain"] for r in rs]), np.array([r["kl_ratio"] for r in rs])
+            cells += [f"{g.mean():.0%} ({', '.join(f'{v:.0%}' for v in g)})",
+                      f"{kl.mean():.2f}x ({', '.join(f'{v:.2f}' for v in kl)})",
+                      f"{1 - np.mean([r['well_formed'] for r in rs]):.1%}"]
+        lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -339,10 +363,14 @@ def main() -> None:
     ap.add_argument("--backward", default="pool", choices=["pool", "snis"],
                     help="snis: train with self_normalize (the backward term's rho / mean rho, trainer/losses.py)")
     ap.add_argument("--force", action="store_true", help="train and measure again even if trace.json has the rows")
-    ap.add_argument("--table", type=int, nargs="*", help="only print the tables of trace.json at these epochs")
+    ap.add_argument("--table", type=int, nargs="*", help="only print the tables of trace.json at these epochs (default 4), "
+                    "the epoch-by-epoch trajectory and the forward target's KL (simulated and on each --seeds pool)")
     args = ap.parse_args()
     if args.table is not None:
-        print(tables(json.loads((args.out / "trace.json").read_text()), args.table or [4]))
+        rows = json.loads((args.out / "trace.json").read_text())
+        print(tables(rows, args.table or [4]))
+        print()
+        print(trajectory(rows))
         print()
         print(target_table(args.seeds, args.out))
         return

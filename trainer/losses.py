@@ -25,7 +25,7 @@ price is a slightly weaker backward target when N is near k; with N << k the two
   It still pays, early on, to move mass off the pool along a direction every pool sample shares
   (scaling every rho by c): from pi = A the estimate falls until c = exp(mean log w), about
   exp(-KL(A || pi_BoN)), e.g. e^-4.9 at N = 8. On `digits` that made 7% to 40% of the policy's
-  samples malformed after one epoch, and 2% to 4% (pi_0: 0.6%) still after four, carrying most of
+  samples malformed after one epoch, and 2% to 4% (pi_0: 0.5%) still after four, carrying most of
   the excess KL (bench/RESULTS.md, "Tracing the digits KL overshoot"). `self_normalize=True`
   divides rho by its mean over the rows, rho_i / mean_j rho_j (self-normalized importance
   sampling), so such a shift changes nothing; a pool distributed exactly as A gives the same value
