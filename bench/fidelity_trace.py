@@ -12,14 +12,24 @@ checkpoint after every epoch and measures each with the same samples fidelity.py
   digits (1.177 + 0.027; the third holds 0.0003), so KL a policy spends on digits 3-10, on the
   space or on EOS does not move its quantile; and the first digit's law per held-out prompt
   (exact, one forward pass each);
+- the share of malformed completions (anything but " " + 10 digits + EOS) and the KL they carry;
 - a brute-force check of the evaluation's KL: the policy's log-probs recomputed token by token
-  with full logits must sum to the log-probs the sampler recorded.
+  with full logits must sum to the log-probs the sampler recorded (`logp_gap`).
 
-    python bench/fidelity_trace.py --seed 0                          # Jeffreys beta 0.5, 4 epochs
-    python bench/fidelity_trace.py --seed 0 --beta 0 1 --epochs 4     # forward only, backward only
-    python bench/fidelity_trace.py --seeds 0 1 2 --epochs 2           # a setting on every seed
+Variants, each a separate row key: `--beta`, `--lr`, `--k` (pool size), `--backward snis` (the
+trainer's `self_normalize`), and `--weighting`: the dataset's weights as built (`unbiased`,
+`pool`), Best-of-8's exact density ratio 8 r^7 in both terms or one (`oracle`, `oracle-fwd`,
+`oracle-bwd`; on `digits` the reward is its own CDF under pi_0), or exp(E[log w | rank]) in the
+backward term (`digamma-bwd`). `--table` prints the tables of bench/RESULTS.md, "Tracing the digits
+KL overshoot", with the forward target's own KL (simulated pools and each seed's).
 
-Rows go to <out>/trace.json (one per seed, beta, lr, epoch; a rerun measures only missing ones).
+    python bench/fidelity_trace.py                                          # seed 0, Jeffreys beta 0.5, 4 epochs
+    python bench/fidelity_trace.py --seeds 0 1 2 --beta 0.5 0 --epochs 8    # default and forward only
+    python bench/fidelity_trace.py --seeds 0 1 2 --epochs 8 --backward snis --weighting oracle
+    python bench/fidelity_trace.py --table 4 8 --seeds 0 1 2                # the tables from trace.json
+
+Rows go to <out>/trace.json (one per seed, beta, lr, weighting, k, backward and epoch; a rerun
+trains and measures only missing ones, `--force` all).
 """
 
 from __future__ import annotations
