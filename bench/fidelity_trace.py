@@ -177,13 +177,21 @@ def fidelity_digits_re():
     return _WELL_FORMED_RE
 
 
-def references(task, pool: Path, seed: int, cache: Path) -> dict:
+def measure_row(task_name: str, policy: str, task, pool: Path, seed: int) -> dict:
+    """`measure_traced` on digits; on tiny fidelity.py's own figures (reward, p_le, log p_le, KL)."""
+    if task_name == "digits":
+        return measure_traced(policy, task, pool, seed)
+    m = fidelity.measure("policy", N, policy, task, pool, seed, {})
+    return {k: m[k] for k in ("reward", "p_le", "log_p_le", "kl")}
+
+
+def references(task_name: str, task, pool: Path, seed: int, cache: Path) -> dict:
     """pi_0 and measured Best-of-8 for this seed, as fidelity.py measures them (same samples)."""
     if cache.is_file():
         return json.loads(cache.read_text())
     bon = fidelity.measure_bon([N], task, pool, seed, {})[0]
     ref = {"bon": {k: bon[k] for k in ("log_p_le", "kl", "reward")},
-           "pi0": measure_traced(str(task.model_dir), task, pool, seed)}
+           "pi0": measure_row(task_name, str(task.model_dir), task, pool, seed)}
     cache.write_text(json.dumps(ref))
     return ref
 
@@ -316,13 +324,13 @@ def tables(rows: list[dict], epochs: list[int]) -> str:
         pct, times = (lambda v: f"{100 * v:.0f}%"), (lambda v: f"{v:.2f}x")
         lines.append(f"| {w} | {beta} | {lr} | {k} | {epoch} | {len(rs)} | {pct(g.mean())}{sd(g, pct)} "
                      f"({', '.join(pct(v) for v in g)}) | {times(kl.mean())}{sd(kl, times)} ({', '.join(times(v) for v in kl)}) "
-                     f"| {1 - np.mean([r['well_formed'] for r in rs]):.1%} |")
+                     + (f"| {1 - np.mean([r['well_formed'] for r in rs]):.1%} |" if "well_formed" in rs[0] else "| - |"))
     lines += ["", ("| weights (forward / backward) | beta | lr | k | epoch | seed | KL | d1 | d2 | d3..d10 | space, EOS, beyond "
               "| malformed samples | KL on them |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     last = {key[:4]: max(e for *k2, e in groups if tuple(k2) == key[:4] and e in epochs) for key in groups
             if any(e in epochs for *k2, e in groups if tuple(k2) == key[:4])}
     for (w, beta, lr, k, epoch), rs in sorted(groups.items()):
-        if last.get((w, beta, lr, k)) == epoch:  # each setting at the last epoch asked that it reached
+        if last.get((w, beta, lr, k)) == epoch and "kl_position" in rs[0]:  # each setting's last epoch asked
             lines += [f"| {w} | {beta} | {lr} | {k} | {epoch} | {r['seed']} | {r['kl']:.3f} | {split(r)} "
                       f"| {1 - r['well_formed']:.1%} | {r['kl_malformed']:.3f} |" if "kl_malformed" in r else
                       f"| {w} | {beta} | {lr} | {k} | {epoch} | {r['seed']} | {r['kl']:.3f} | {split(r)} "
@@ -363,6 +371,8 @@ WEIGHTS_LABEL = {"unbiased": "unbiased / pool (the default)", "pool": "pool / po
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="digits", choices=["digits", "tiny"],
+                    help="tiny: fidelity.py's figures only (no per-position KL; its reward has ties)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--beta", type=float, nargs="+", default=[0.5])
     ap.add_argument("--lr", type=float, nargs="+", default=[fidelity.TRAIN["lr"]])
@@ -378,52 +388,65 @@ def main() -> None:
     args = ap.parse_args()
     if args.table is not None:
         rows = json.loads((args.out / "trace.json").read_text())
+        tiny = [r for r in rows if r.get("task") == "tiny"]
+        rows = [r for r in rows if r.get("task", "digits") == "digits"]
+        if tiny:
+            print(tables(tiny, args.table or [4]).split("\n\n")[0].replace("| weights", "| tiny: weights", 1))
+            print()
         print(tables(rows, args.table or [4]))
         print()
         print(trajectory(rows))
         print()
         print(target_table(args.seeds, args.out))
         return
+    if args.task == "tiny" and (args.weighting not in ("unbiased", "pool")):
+        ap.error(f"--weighting {args.weighting} needs the digits task (a reward that is its own CDF)")
     import torch
 
     torch.set_num_threads(1)
-    task = fidelity.load_task("digits")
-    pool = evaluate.ensure_eval_pool(args.out / "digits-eval", str(task.model_dir), str(task.eval_prompts_file),
+    task = fidelity.load_task(args.task)
+    pool = evaluate.ensure_eval_pool(args.out / f"{args.task}-eval", str(task.model_dir), str(task.eval_prompts_file),
                                      task.reward, k=fidelity.EVAL_POOL_K)
     trace_path = args.out / "trace.json"
     rows = json.loads(trace_path.read_text()) if trace_path.is_file() else []
-    print("BoN-8 KL by position (Uniform reward):", np.round(bon_position_kl(N), 4).tolist(),
-          "first-digit law:", np.round(bon_first_digit(), 3).tolist(), flush=True)
     for seed in args.seeds:
-        work = args.out / f"seed{seed}"
+        work = args.out / (f"seed{seed}" if args.task == "digits" else f"{args.task}-seed{seed}")
         work.mkdir(parents=True, exist_ok=True)
         base_dir = work / ("base" if args.k == 16 else f"base-k{args.k}")
         base = Store(base_dir) if base_dir.is_dir() else fidelity.base_store(base_dir, task, args.k, 100 * seed)
-        ref = references(task, pool, seed, work / "refs.json")
-        print(f"seed {seed}: pi_0 {ref['pi0']['log_p_le']:.3f}, BoN-8 {ref['bon']['log_p_le']:.3f} at KL "
-              f"{ref['bon']['kl']:.3f}; pi_0 KL by position {np.round(ref['pi0']['kl_position'], 3).tolist()}", flush=True)
+        ref = references(args.task, task, pool, seed, work / "refs.json")
+        print(f"{args.task} seed {seed}: pi_0 {ref['pi0']['log_p_le']:.3f}, BoN-8 {ref['bon']['log_p_le']:.3f} "
+              f"at KL {ref['bon']['kl']:.3f}", flush=True)
         for beta in args.beta:
             for lr in args.lr:
                 key = {"seed": seed, "beta": beta, "lr": lr, "weighting": args.weighting, "k": args.k,
-                       "backward": args.backward}
-                have = {r["epoch"] for r in rows if all(r[k] == v for k, v in key.items())}
-                if all(e in have for e in range(1, args.epochs + 1)) and not args.force:
-                    continue
-                folder = work / f"b{beta}-lr{lr}-{args.weighting}-k{args.k}-{args.backward}"
-                for epoch, ckpt in enumerate(train_traced(base, folder, seed, beta, lr, args.epochs, args.weighting,
-                                                                     args.backward == "snis"), 1):
-                    row = {**key, "epoch": epoch, **measure_traced(str(ckpt), task, pool, seed)}
-                    row["gain"], row["kl_ratio"] = ratios(row, ref)
-                    rows = [r for r in rows if not (all(r[k] == v for k, v in key.items()) and r["epoch"] == epoch)]
-                    rows.append(row)
-                    trace_path.write_text(json.dumps(rows, indent=1))
-                    print(f"seed {seed} beta {beta} lr {lr} {args.weighting} k {args.k} {args.backward} epoch {epoch}: gain {row['gain']:.1%} KL {row['kl']:.3f} "
-                          f"({row['kl_ratio']:.2f}x) by position {np.round(row['kl_position'], 3).tolist()} "
-                          f"logp gap {row['logp_gap']:.1e}; malformed {1 - row['well_formed']:.3f} carrying KL "
-                          f"{row['kl_malformed']:.3f}; d1 KL exact {row['d1_kl']:.3f}, of the mean law "
-                          f"{row['d1_kl_of_mean']:.3f}, mean law {np.round(row['d1_law'], 3).tolist()}", flush=True)
-                shutil.rmtree(folder, ignore_errors=True)  # checkpoints: ~MBs each, measured
+                       "backward": args.backward, **({} if args.task == "digits" else {"task": args.task})}
+                rows = run_setting(rows, key, args, base, work, task, pool, ref, trace_path)
 
+
+def run_setting(rows: list[dict], key: dict, args, base: Store, work: Path, task, pool: Path, ref: dict,
+                trace_path: Path) -> list[dict]:
+    """Train one setting with a checkpoint per epoch and measure each (unless trace.json has them)."""
+    def same(r: dict) -> bool:  # rows written before the task key are digits rows
+        return r.get("task", "digits") == key.get("task", "digits") and all(
+            r.get(k) == v for k, v in key.items() if k != "task")
+
+    if {r["epoch"] for r in rows if same(r)} >= set(range(1, args.epochs + 1)) and not args.force:
+        return rows
+    folder = work / f"b{key['beta']}-lr{key['lr']}-{args.weighting}-k{args.k}-{args.backward}"
+    checkpoints = train_traced(base, folder, key["seed"], key["beta"], key["lr"], args.epochs, args.weighting,
+                               args.backward == "snis")
+    for epoch, ckpt in enumerate(checkpoints, 1):
+        row = {**key, "epoch": epoch, **measure_row(args.task, str(ckpt), task, pool, key["seed"])}
+        row["gain"], row["kl_ratio"] = ratios(row, ref)
+        rows = [r for r in rows if not (same(r) and r["epoch"] == epoch)] + [row]
+        trace_path.write_text(json.dumps(rows, indent=1))
+        extra = (f" by position {np.round(row['kl_position'], 3).tolist()}; malformed {1 - row['well_formed']:.3f} "
+                 f"carrying KL {row['kl_malformed']:.3f}; logp gap {row['logp_gap']:.1e}; first-digit law "
+                 f"{np.round(row['d1_law'], 3).tolist()}" if "kl_position" in row else "")
+        print(f"{key} epoch {epoch}: gain {row['gain']:.1%} KL {row['kl']:.3f} ({row['kl_ratio']:.2f}x){extra}", flush=True)
+    shutil.rmtree(folder, ignore_errors=True)  # checkpoints: ~MBs each, measured
+    return rows
 
 if __name__ == "__main__":
     sys.exit(main())
