@@ -361,7 +361,10 @@ def main() -> None:
     ap.add_argument("--online-only", action="store_true", help="only the online runs (digits): train or resume, "
                     "evaluate each checkpoint, write rows-online.json (merge with --rows)")
     ap.add_argument("--train-only", action="store_true", help="with --online-only: train, do not evaluate")
+    ap.add_argument("--self-normalize", action="store_true", help="offline training with the trainer's self_normalize "
+                    "(the backward term's rho / mean rho; bench/RESULTS.md, 'Tracing the digits KL overshoot')")
     args = ap.parse_args()
+    TRAIN["self_normalize"] = args.self_normalize
     import torch
 
     torch.set_num_threads(1)  # the tiny models run faster on one thread when the CPU is shared (tasks/common)
