@@ -29,7 +29,7 @@ price is a slightly weaker backward target when N is near k; with N << k the two
   the excess KL (bench/RESULTS.md, "Tracing the digits KL overshoot"). `self_normalize=True`
   divides rho by its mean over the rows, rho_i / mean_j rho_j (self-normalized importance
   sampling), so such a shift changes nothing; a pool distributed exactly as A gives the same value
-  and gradient as before (mean rho = 1 there). It needs rows of several prompts per call.
+  and gradient as before (mean rho = 1 there). It needs several rows per call.
 - Jeffreys  J_beta = (1 - beta) forward + beta backward, plus gamma KL(pi || A), estimated the same
   way: (1/k) sum_i [rho_i log rho_i - rho_i + 1].
 
