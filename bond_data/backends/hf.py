@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from bond_data import precision as precision_policy
 from bond_data.backends.base import Completion, PromptJob, Sampling, prompt_token_ids  # the trainer imports the last here
 from bond_data.device import resolve_device
+from bond_data.logprobs import completion_logprobs
 
 DECODINGS = ("dynamic", "static", "static-compiled")
 _MASK64 = (1 << 64) - 1
@@ -142,6 +143,7 @@ class TransformersBackend:
     """Seeded, batched sampling from a causal LM in memory (`from_pretrained` loads a folder)."""
 
     name = "transformers"
+    packed_log_a = True  # the teacher-forced log A pass: rows packed as the trainer packs them (False: right-padded)
 
     def __init__(self, model, tokenizer, device: torch.device, batch_size: int = 64, decoding: str = "dynamic"):
         self.model, self.tokenizer, self.device, self.batch_size = model, tokenizer, device, batch_size
@@ -206,15 +208,18 @@ class TransformersBackend:
 
     @torch.inference_mode()
     def _teacher_forced(self, batch: list[tuple], completions: list[Completion], sampling: Sampling) -> list[Completion]:
-        """log A of each completion from one full forward pass over prompt + completion, right-padded
-        exactly as the trainer collates a micro-batch (trainer/logprobs.py), instead of summed over
-        KV-cache decode steps, which round differently in bf16. `sample_logprob` follows it when the
-        sampler is the anchor (temperature 1, top_p 1); a tempered sampler's stays the decode's."""
-        input_ids, attention, mask = precision_policy.right_padded([r[2] for r in batch],
-                                                                   [c.token_ids for c in completions], self.device)
-        logits = self.model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]  # [B, T-1, V]
-        token_logp = torch.log_softmax(logits.float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [B, T-1]
-        logp = (token_logp * mask).sum(-1).double().tolist()  # [B]
+        """log A of each completion from one teacher-forced pass over prompt + completion, by the
+        trainer's own function (bond_data/logprobs.py: the LM head in fp32 and in chunks at completion
+        positions only, so no [rows, tokens, vocab] logits), instead of summed over KV-cache decode
+        steps, which round differently in bf16. Rows packed as the trainer packs a micro-batch (its
+        bins hold other rows, so bf16 still rounds a little differently): on an H200, 128-token
+        completions of a ~0.5B Qwen2 at initialisation gave max |log pi - log A| 8.5e-4 nats packed
+        against 0.11 right-padded (other attention kernels; bench/gpu_precision.py, bench/gpu/).
+        `sample_logprob` follows it when the sampler is the anchor (temperature 1, top_p 1); a
+        tempered sampler's stays the decode's."""
+        rows = [{"prompt": r[2], "completion": c.token_ids} for r, c in zip(batch, completions)]
+        logp = completion_logprobs(self.model, rows, self.device, self.precision(sampling), packed=self.packed_log_a)  # [B]
+        logp = logp.double().tolist()
         untempered = sampling.temperature == 1.0 and sampling.top_p == 1.0
         return [dataclasses.replace(c, anchor_logprob=lp, sample_logprob=lp if untempered else c.sample_logprob)
                 for c, lp in zip(completions, logp)]
