@@ -47,22 +47,30 @@ _TOKEN_STRIDE = _signed(0xD1B54A32D192ED03)  # odd, so distinct tokens get disti
 
 def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
     """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (x >> s) & ((1 << (64 - s)) - 1)
+    return (x >> s).bitwise_and_((1 << (64 - s)) - 1)
 
 
 def _splitmix64(x: torch.Tensor) -> torch.Tensor:
-    x = x + _GOLDEN
-    x = (x ^ _shr(x, 30)) * _MIX1
-    x = (x ^ _shr(x, 27)) * _MIX2
-    return x ^ _shr(x, 31)
+    """SplitMix64's finaliser of x + golden, in place on a fresh `x` (it is [B, V] each step: fewer
+    temporaries than the textbook form, the same bits)."""
+    x.add_(_GOLDEN)
+    x.bitwise_xor_(_shr(x, 30)).mul_(_MIX1)
+    x.bitwise_xor_(_shr(x, 27)).mul_(_MIX2)
+    return x.bitwise_xor_(_shr(x, 31))
 
 
 def seeded_uniform(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     """[B, V] uniforms in (0, 1), a pure function of (seed, step, token): counter-based, batch-free."""
     base = _splitmix64(seeds.to(torch.int64) + _signed(step * _GOLDEN))  # [B]
-    tokens = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    bits = _splitmix64(base[:, None] + tokens[None, :] * _TOKEN_STRIDE)  # [B, V]
-    return (_shr(bits, 11).to(torch.float64) + 0.5) / float(1 << 53)
+    tokens = torch.arange(vocab, device=seeds.device, dtype=torch.int64).mul_(_TOKEN_STRIDE)
+    bits = _splitmix64(base[:, None] + tokens[None, :])  # [B, V]
+    return _shr(bits, 11).to(torch.float64).add_(0.5).div_(float(1 << 53))
+
+
+def seeded_gumbel(seeds: torch.Tensor, step: int, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, V] Gumbel noise -log(-log u) of `seeded_uniform`, computed in float64, returned in `dtype`."""
+    u = seeded_uniform(seeds, step, vocab)
+    return u.log_().neg_().log_().neg_().to(dtype)
 
 
 class SeededGumbelSampler(LogitsProcessor):
@@ -92,13 +100,14 @@ class SeededGumbelSampler(LogitsProcessor):
         self._record(input_ids[:, -1])
         logits = scores.float()  # [B, V]
         logp = torch.log_softmax(logits, dim=-1)
-        logq = torch.log_softmax(logits / self.sampling.temperature, dim=-1)
+        logq = logp  # the anchor itself (temperature 1, top_p 1): one log-softmax, not two
+        if self.sampling.temperature != 1.0:
+            logq = torch.log_softmax(logits / self.sampling.temperature, dim=-1)
         if self.sampling.top_p < 1.0:
             logq = _top_p_renormalised(logq, self.sampling.top_p)
         self._last = (logp, logq)
-        u = seeded_uniform(self.seeds.to(scores.device), step, scores.shape[-1])
-        gumbel = -torch.log(-torch.log(u)).to(logq.dtype)
-        return logq + gumbel  # -inf outside the nucleus stays -inf
+        gumbel = seeded_gumbel(self.seeds.to(scores.device), step, scores.shape[-1], logq.dtype)
+        return gumbel.add_(logq)  # -inf outside the nucleus stays -inf
 
     def finish(self, last_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, T] per-token log-probs under the anchor and the sampler."""
