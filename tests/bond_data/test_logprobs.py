@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from bond_data.logprobs import (SequenceLogprobs, batch_logprobs, chunked_token_logprobs, completion_logprobs,
-                              full_logits_logprobs)
+                                full_logits_logprobs)
 from bond_data.packing import collate_packed, collate_padded, pack_bins
 
 CPU = torch.device("cpu")
