@@ -4,7 +4,7 @@
   as bond_data/precision.py wants), their fp32 log-softmax (`full_logits_logprobs`), Jeffreys
   loss, backward;
 - `after`: `trainer.train.train_step`: packed rows, the LM head only at completion positions, in
-  checkpointed chunks (`trainer/logprobs.py`); optionally torch.compile / activation checkpointing.
+  checkpointed chunks (`bond_data/logprobs.py`); optionally torch.compile / activation checkpointing.
 
 Each variant runs in its own child process, so its peak memory is its own: on CUDA
 `torch.cuda.max_memory_allocated`, on the CPU the rise of the peak RSS over the RSS before the
@@ -19,8 +19,8 @@ absolute tokens/s and MFU = 6 * params * tokens/s over the card's dense bf16 pea
 
     python bench/train_step.py --quick            # CPU, under 2 minutes
     python bench/train_step.py                    # CPU, default sizes
-    python bench/train_step.py --device cuda      # GPU: before vs after, then compile / checkpointing / FSDP2
-    bash bench/gpu_train_step.sh                  # the same on a lent GPU machine, output under $OUT
+    python bench/train_step.py --device cuda      # GPU: before vs after (and strict-head), compile, checkpointing, FSDP2
+    bash bench/gpu_all.sh                         # every GPU figure on a lent GPU machine, output under $OUT
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ import torch
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, no sparsity
 VARIANTS = {"before": ("before", ()), "after": ("after", ()), "compile": ("after", ("--compile",)),
-            "checkpointing": ("after", ("--checkpointing",)), "fsdp": ("after", ("--fsdp",))}
+            "checkpointing": ("after", ("--checkpointing",)), "fsdp": ("after", ("--fsdp",)),
+            "strict-head": ("after", ("--strict-head",))}
 SIZES = {  # model shape, rows per micro-batch, micro-batches per step, completion lengths, prompt lengths
     "cpu-quick": dict(hidden=128, inter=384, layers=2, rows=8, micro=1, completion=(32, 160), prompt=(16, 32), steps=2),
     "cpu": dict(hidden=256, inter=704, layers=4, rows=8, micro=1, completion=(128, 384), prompt=(32, 64), steps=3),
@@ -53,7 +54,8 @@ def build_model(size: dict, device: torch.device, attn: str):
                       num_hidden_layers=size["layers"], num_attention_heads=heads, num_key_value_heads=2,
                       max_position_embeddings=2048, tie_word_embeddings=True, attn_implementation=attn)
     torch.manual_seed(0)
-    return Qwen2ForCausalLM(cfg).to(device).train()
+    with torch.device(device):  # initialised where it runs: a 0.5B model's CPU init alone takes longer than the steps
+        return Qwen2ForCausalLM(cfg).train()
 
 
 def build_rows(size: dict) -> list[dict]:
@@ -71,7 +73,7 @@ def build_rows(size: dict) -> list[dict]:
 
 def step_before(policy, micro_batches, beta, gamma, global_rows, device) -> dict:
     """The training step as it was before issue 12 (padded rows, full logits), forward + backward."""
-    from trainer.logprobs import collate, full_logits_logprobs
+    from bond_data.logprobs import collate, full_logits_logprobs
     from trainer.losses import jeffreys_loss
 
     loss, fed = 0.0, 0
@@ -88,10 +90,14 @@ def step_before(policy, micro_batches, beta, gamma, global_rows, device) -> dict
 
 def worker(args) -> None:
     """One variant in this (child) process; prints one JSON line."""
-    from trainer.logprobs import SequenceLogprobs
+    from bond_data.logprobs import SequenceLogprobs
     from trainer.step import train_step
 
     device = torch.device(args.device)
+    if args.strict_head:  # the chunked head's matmuls in IEEE fp32 even under CUDA autocast (as before TF32)
+        import bond_data.logprobs
+
+        bond_data.logprobs.HEAD_TF32 = False
     size = SIZES[args.size]
     policy = build_model(size, device, args.attn)
     rows = build_rows(size)
@@ -143,6 +149,14 @@ def worker(args) -> None:
     secs = time.perf_counter() - t
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     tokens = size["steps"] * sum(len(r["prompt"]) + len(r["completion"]) for r in rows)
+    if args.profile:  # where a step's GPU time goes: the kernels by total time, to stderr
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            one_step()
+            sync(device)
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.profile, max_name_column_width=70), file=sys.stderr)
     print(json.dumps({"loss": first["loss"], "padding": first["padding"], "tokens_per_s": tokens / secs,
                       "peak_over_base": peak - base, "params": sum(p.numel() for p in policy.parameters())}))
 
@@ -160,9 +174,12 @@ def sync(device: torch.device) -> None:
 def run_variant(args, variant: str, *extra: str) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", variant, "--device", args.device, "--size", args.size,
            "--attn", args.attn, "--chunk", str(args.chunk), *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if args.profile:
+        cmd += ["--profile", str(args.profile)]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if args.profile else subprocess.PIPE, text=True,
+                         check=False)
     if out.returncode != 0:
-        tail = (out.stderr.strip().splitlines() or ["?"])[-1]
+        tail = ((out.stderr or "").strip().splitlines() or ["?"])[-1]
         print(f"{variant} {' '.join(extra)}: failed ({tail[:200]})")
         return None
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -181,6 +198,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--fsdp", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                    help="after the timed steps, profile one more and print its top ROWS ops by device time")
+    ap.add_argument("--strict-head", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         args.variant = args.worker

@@ -12,7 +12,8 @@ Two policies, one meaning each, for the generator and the trainer alike:
   logits round by up to |logit| * 2^-9, which alone moves a token's log-prob by ~0.01; raising the
   head's precision is the fix MiniMax-M1 reports for its trainer/generator mismatch). The default
   on CUDA. The generator samples under the same autocast, then computes log A by one teacher-forced
-  pass shaped like the trainer's (right-padded prompt + completion), not from its KV-cache steps:
+  pass through the trainer's own function (bond_data/logprobs.py: packed rows, chunked fp32 head),
+  not from its KV-cache steps:
   in bf16 an incremental decode and a full forward round differently (up to 0.04 nats on 8 tokens
   of the tiny model).
 

@@ -43,19 +43,44 @@ def register_as_completed(store: Store, manifests: Iterable[dict], progress: Pro
 
 
 # ---- generate ----------------------------------------------------------------------------------
-def check_generate(store: Store, round_: int) -> dict:
+def check_generate(store: Store, round_: int, sampling: Sampling | None = None, backend: str = "transformers",
+                   device: str | None = None) -> dict:
     """The round's anchor, or a StoreError saying how to register one (the CLI checks this before
-    Prefect starts)."""
+    Prefect starts). With `sampling`: also refuses to add candidates drawn otherwise than the round's
+    (temperature, top_p, max_new_tokens, precision policy): one pool, one sampler."""
     anchor = store.anchor(round_)
     if anchor is None:
         hint = "run `bond init --anchor DIR` first" if round_ == 0 else f"train round {round_ - 1} first (`bond train`)"
         raise StoreError(f"round {round_} has no registered anchor: {hint}")
+    if sampling is not None:
+        _check_same_sampler(store.sampling_settings(round_), sampling, backend, device, round_)
     return anchor
 
 
-def plan_generate(store: Store, round_: int, k: int, shard_prompts: int) -> tuple[dict, list[dict]]:
+def _check_same_sampler(existing: list[dict], sampling: Sampling, backend: str, device: str | None, round_: int) -> None:
+    """A round's pool must come from one sampler: its weights are Best-of-N of that sampler, and the
+    trainer divides by one log A. New candidates must match the round's recorded settings."""
+    if not existing:
+        return
+    wanted = {"temperature": sampling.temperature, "top_p": sampling.top_p, "max_new_tokens": sampling.max_new_tokens}
+    if backend == "transformers":  # vLLM records its own `vllm-<dtype>`, settled by its engine
+        from bond_data import precision as precision_policy
+        from bond_data.device import resolve_device
+
+        wanted["precision"] = precision_policy.resolve(sampling.precision, resolve_device(device))
+    for old in existing:
+        differ = {key: (old.get(key), value) for key, value in wanted.items()
+                  if old.get(key) is not None and old.get(key) != value}
+        if differ:
+            said = ", ".join(f"{key} {new!r} (the round's: {was!r})" for key, (was, new) in differ.items())
+            raise StoreError(f"round {round_} already has candidates drawn otherwise; this run asks {said}. One pool, one "
+                             f"sampler: generate with the round's settings, or start the new settings in a new round or store")
+
+
+def plan_generate(store: Store, round_: int, k: int, shard_prompts: int, sampling: Sampling | None = None,
+                  backend: str = "transformers", device: str | None = None) -> tuple[dict, list[dict]]:
     """The round's anchor and the shards still missing, after deleting a killed run's orphans."""
-    anchor = check_generate(store, round_)
+    anchor = check_generate(store, round_, sampling, backend, device)
     store.remove_orphans(f"candidates/round={round_}")
     return anchor, generate.plan_generation(store, round_, k, shard_prompts)
 
@@ -66,7 +91,7 @@ def generate_round(store: Store, round_: int, k: int, sampling: Sampling, shard_
     """Sample the round's missing candidates (k per prompt) from its registered anchor."""
     t0 = time.perf_counter()
     with store.writing(f"bond generate --round {round_} --k {k}"):
-        anchor, plans = plan_generate(store, round_, k, shard_prompts)
+        anchor, plans = plan_generate(store, round_, k, shard_prompts, sampling, backend, device)
         calls = [(str(store.root), plan, anchor, backend, sampling, batch_size, device, engine_args) for plan in plans]
         rows = sum(len(job["sample_indices"]) for plan in plans for job in plan["jobs"])
         with Progress(f"generate round {round_}", rows, "candidates") as bar:

@@ -277,12 +277,14 @@ def cmd_prompts(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    from bond_data.backends.base import Sampling
     from bond_data.stages import check_generate
     from bond_data.store import Store
     from flows.stages import run_generate
 
     cfg = GenerateConfig.from_flags(args)
-    check_generate(Store(args.store), cfg.round)  # before Prefect starts
+    sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.precision)
+    check_generate(Store(args.store), cfg.round, sampling, cfg.backend, cfg.device)  # before Prefect starts
     print(json.dumps(run_generate(args.store, cfg)))
 
 

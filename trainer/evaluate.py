@@ -114,7 +114,7 @@ def _logprobs_under(backend, prompts: list[str], token_ids: list[list[int]]) -> 
     import torch
 
     from bond_data.backends.hf import prompt_token_ids
-    from trainer.logprobs import completion_logprobs
+    from bond_data.logprobs import completion_logprobs
 
     out = []
     for start in range(0, len(prompts), BATCH_SIZE):

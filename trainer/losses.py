@@ -88,13 +88,6 @@ def jeffreys_loss(logp_policy: torch.Tensor, logp_anchor: torch.Tensor, weight: 
     return {"loss": loss, "forward": fwd.detach(), "backward": bwd.detach(), "anchor_kl": reg.detach()}
 
 
-def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum of token log-probs of the completion: logits [B, T, V] predict labels [B, T]; mask [B, T]."""
-    logp = torch.log_softmax(logits.float(), dim=-1)  # [B, T, V]
-    token_logp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T]
-    return (token_logp * mask).sum(-1)  # [B]
-
-
 # ---- online J-BOND (paper Algorithm 2) -------------------------------------------------------
 def best_of_two(r_anchor1: torch.Tensor, r_anchor2: torch.Tensor) -> torch.Tensor:
     """[B] bool: True where y'_1 is the Best-of-2 sample (ties: the first wins)."""

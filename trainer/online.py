@@ -88,7 +88,7 @@ from bond_data.score import check_finite, load_reward_model, score_pairs
 from trainer import checkpoints
 from trainer.anchor import ema_state, ema_update
 from trainer.config import OnlineConfig
-from trainer.logprobs import completion_logprobs
+from bond_data.logprobs import completion_logprobs
 from trainer.losses import best_of_two, jbond_loss, reinforce_kl_loss
 from trainer.metrics import MetricsLog
 

@@ -10,9 +10,9 @@ import contextlib
 
 import torch
 
-from trainer.logprobs import SequenceLogprobs, batch_logprobs
+from bond_data.logprobs import SequenceLogprobs, batch_logprobs
 from trainer.losses import jeffreys_loss
-from trainer.packing import collate_packed, collate_padded
+from bond_data.packing import collate_packed, collate_padded
 
 
 def train_step(model, micro_batches: list[list[dict]], beta: float, gamma: float, global_rows: int, world: int,

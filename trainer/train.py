@@ -21,7 +21,7 @@ How this differs from the paper:
    fp32, or bf16 autocast with an fp32 LM head), so that rho = pi/A is 1 at initialisation.
 
 The step (trainer/step.py) packs each micro-batch's rows into shared rows and takes log-probs
-through a chunked LM head at completion positions only (trainer/packing.py, trainer/logprobs.py):
+through a chunked LM head at completion positions only (bond_data/packing.py, bond_data/logprobs.py):
 the same numbers as padded rows and full logits, without the [tokens, vocab] tensors.
 
     bond train --store DIR --round R [--beta 0.5 --eta 0 ...]          # one process
@@ -53,7 +53,7 @@ from bond_data.store import Store, StoreError
 from trainer import checkpoints, fsdp, lora
 from trainer.anchor import ema_update
 from trainer.config import TrainConfig
-from trainer.logprobs import SequenceLogprobs
+from bond_data.logprobs import SequenceLogprobs
 from trainer.step import train_step
 from trainer.metrics import MetricsLog
 

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from bond_data import precision as precision_policy
 from bond_data.backends.base import Completion, PromptJob, Sampling, prompt_token_ids  # the trainer imports the last here
 from bond_data.device import resolve_device
+from bond_data.logprobs import completion_logprobs
 
 DECODINGS = ("dynamic", "static", "static-compiled")
 _MASK64 = (1 << 64) - 1
@@ -46,22 +47,30 @@ _TOKEN_STRIDE = _signed(0xD1B54A32D192ED03)  # odd, so distinct tokens get disti
 
 def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
     """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (x >> s) & ((1 << (64 - s)) - 1)
+    return (x >> s).bitwise_and_((1 << (64 - s)) - 1)
 
 
 def _splitmix64(x: torch.Tensor) -> torch.Tensor:
-    x = x + _GOLDEN
-    x = (x ^ _shr(x, 30)) * _MIX1
-    x = (x ^ _shr(x, 27)) * _MIX2
-    return x ^ _shr(x, 31)
+    """SplitMix64's finaliser of x + golden, in place on a fresh `x` (it is [B, V] each step: fewer
+    temporaries than the textbook form, the same bits)."""
+    x.add_(_GOLDEN)
+    x.bitwise_xor_(_shr(x, 30)).mul_(_MIX1)
+    x.bitwise_xor_(_shr(x, 27)).mul_(_MIX2)
+    return x.bitwise_xor_(_shr(x, 31))
 
 
 def seeded_uniform(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     """[B, V] uniforms in (0, 1), a pure function of (seed, step, token): counter-based, batch-free."""
     base = _splitmix64(seeds.to(torch.int64) + _signed(step * _GOLDEN))  # [B]
-    tokens = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    bits = _splitmix64(base[:, None] + tokens[None, :] * _TOKEN_STRIDE)  # [B, V]
-    return (_shr(bits, 11).to(torch.float64) + 0.5) / float(1 << 53)
+    tokens = torch.arange(vocab, device=seeds.device, dtype=torch.int64).mul_(_TOKEN_STRIDE)
+    bits = _splitmix64(base[:, None] + tokens[None, :])  # [B, V]
+    return _shr(bits, 11).to(torch.float64).add_(0.5).div_(float(1 << 53))
+
+
+def seeded_gumbel(seeds: torch.Tensor, step: int, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, V] Gumbel noise -log(-log u) of `seeded_uniform`, computed in float64, returned in `dtype`."""
+    u = seeded_uniform(seeds, step, vocab)
+    return u.log_().neg_().log_().neg_().to(dtype)
 
 
 class SeededGumbelSampler(LogitsProcessor):
@@ -91,13 +100,14 @@ class SeededGumbelSampler(LogitsProcessor):
         self._record(input_ids[:, -1])
         logits = scores.float()  # [B, V]
         logp = torch.log_softmax(logits, dim=-1)
-        logq = torch.log_softmax(logits / self.sampling.temperature, dim=-1)
+        logq = logp  # the anchor itself (temperature 1, top_p 1): one log-softmax, not two
+        if self.sampling.temperature != 1.0:
+            logq = torch.log_softmax(logits / self.sampling.temperature, dim=-1)
         if self.sampling.top_p < 1.0:
             logq = _top_p_renormalised(logq, self.sampling.top_p)
         self._last = (logp, logq)
-        u = seeded_uniform(self.seeds.to(scores.device), step, scores.shape[-1])
-        gumbel = -torch.log(-torch.log(u)).to(logq.dtype)
-        return logq + gumbel  # -inf outside the nucleus stays -inf
+        gumbel = seeded_gumbel(self.seeds.to(scores.device), step, scores.shape[-1], logq.dtype)
+        return gumbel.add_(logq)  # -inf outside the nucleus stays -inf
 
     def finish(self, last_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, T] per-token log-probs under the anchor and the sampler."""
@@ -142,6 +152,7 @@ class TransformersBackend:
     """Seeded, batched sampling from a causal LM in memory (`from_pretrained` loads a folder)."""
 
     name = "transformers"
+    packed_log_a = True  # the teacher-forced log A pass: rows packed as the trainer packs them (False: right-padded)
 
     def __init__(self, model, tokenizer, device: torch.device, batch_size: int = 64, decoding: str = "dynamic"):
         self.model, self.tokenizer, self.device, self.batch_size = model, tokenizer, device, batch_size
@@ -206,15 +217,18 @@ class TransformersBackend:
 
     @torch.inference_mode()
     def _teacher_forced(self, batch: list[tuple], completions: list[Completion], sampling: Sampling) -> list[Completion]:
-        """log A of each completion from one full forward pass over prompt + completion, right-padded
-        exactly as the trainer collates a micro-batch (trainer/logprobs.py), instead of summed over
-        KV-cache decode steps, which round differently in bf16. `sample_logprob` follows it when the
-        sampler is the anchor (temperature 1, top_p 1); a tempered sampler's stays the decode's."""
-        input_ids, attention, mask = precision_policy.right_padded([r[2] for r in batch],
-                                                                   [c.token_ids for c in completions], self.device)
-        logits = self.model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]  # [B, T-1, V]
-        token_logp = torch.log_softmax(logits.float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [B, T-1]
-        logp = (token_logp * mask).sum(-1).double().tolist()  # [B]
+        """log A of each completion from one teacher-forced pass over prompt + completion, by the
+        trainer's own function (bond_data/logprobs.py: the LM head in fp32 and in chunks at completion
+        positions only, so no [rows, tokens, vocab] logits), instead of summed over KV-cache decode
+        steps, which round differently in bf16. Rows packed as the trainer packs a micro-batch (its
+        bins hold other rows, so bf16 still rounds a little differently): on an H200, 128-token
+        completions of a ~0.5B Qwen2 at initialisation gave max |log pi - log A| 8.5e-4 nats packed
+        against 0.11 right-padded (other attention kernels; bench/gpu_precision.py, bench/gpu/).
+        `sample_logprob` follows it when the sampler is the anchor (temperature 1, top_p 1); a
+        tempered sampler's stays the decode's."""
+        rows = [{"prompt": r[2], "completion": c.token_ids} for r, c in zip(batch, completions)]
+        logp = completion_logprobs(self.model, rows, self.device, self.precision(sampling), packed=self.packed_log_a)  # [B]
+        logp = logp.double().tolist()
         untempered = sampling.temperature == 1.0 and sampling.top_p == 1.0
         return [dataclasses.replace(c, anchor_logprob=lp, sample_logprob=lp if untempered else c.sample_logprob)
                 for c, lp in zip(completions, logp)]

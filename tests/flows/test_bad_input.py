@@ -134,6 +134,11 @@ STORES = [  # (case, argv with {store} / {tmp} / {path}, setup for {path}, messa
      "empty or missing checkpoint"),
     ("a reward-model folder that is not a model", ["score", "--store", "{store}", "--rm", "{path}"], _not_a_model, "cannot load"),
     ("rounds without an anchor", ["rounds", "--store", "{tmp}/fresh", "--num", "1"], None, "no BOND store at"),
+    ("more candidates for a round at another temperature", ["generate", "--store", "{store}", "--k", "6",
+                                                             "--temperature", "0.7"], None, "temperature 0.7 (the round's: 1.0)"),
+    ("more candidates for a round under another precision", ["generate", "--store", "{store}", "--k", "6",
+                                                              "--precision", "bf16-autocast"], None,
+     "precision 'bf16-autocast' (the round's: 'fp32')"),
 ]
 
 SQL = [

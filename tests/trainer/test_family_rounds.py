@@ -21,7 +21,7 @@ from testutil import run_generation, run_scoring, write_jsonl
 from trainer import train as train_mod
 from trainer.checkpoints import load_policy
 from trainer.config import TrainConfig
-from trainer.logprobs import completion_logprobs
+from bond_data.logprobs import completion_logprobs
 
 WORDS = ["cab", "zyx", "kite", "lamp", "dbca", "mno"]
 LORA = {"gemma2": "r=4,alpha=8,targets=q_proj,v_proj", "phi3": "r=4,alpha=8,targets=qkv_proj"}  # phi3 fuses q, k, v

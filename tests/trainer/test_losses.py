@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bond_data import bon
+from bond_data.logprobs import sequence_logprobs
 from trainer import losses
 
 
@@ -89,7 +90,7 @@ def test_sequence_logprobs_match_a_loop():
     mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]], dtype=torch.float32)
     ref = [sum(torch.log_softmax(logits[b, t], -1)[labels[b, t]].item() for t in range(4) if mask[b, t])
            for b in range(2)]
-    assert losses.sequence_logprobs(logits, labels, mask).tolist() == pytest.approx(ref, abs=1e-5)
+    assert sequence_logprobs(logits, labels, mask).tolist() == pytest.approx(ref, abs=1e-5)
 
 
 # A categorical "policy" over 4 outcomes with rational anchor probabilities, so a pool holding each

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from trainer import train as train_mod
 from trainer.config import TrainConfig
-from trainer.logprobs import batch_logprobs
-from trainer.packing import collate_packed
+from bond_data.logprobs import batch_logprobs
+from bond_data.packing import collate_packed
 
 
 def trained(root, **kw) -> tuple[dict, dict]:

@@ -21,11 +21,15 @@ from bond_data.errors import StoreError
 from trainer import checkpoints
 from trainer import train as train_mod
 from trainer.config import TrainConfig
-from trainer.logprobs import completion_logprobs
+from bond_data.logprobs import completion_logprobs
 
 CPU = torch.device("cpu")
 WORDS = ["dbca", "zyx", "hello", "qwerty", "mno", "edcba"]
 TOL = 1e-3  # nats per completion
+# bf16 rounds a row a little differently in another batch (the trainer's bins hold other rows than
+# the generator's): on this CPU, over 4 x 36 completions of 8 and 32 tokens, the largest |log rho|
+# was 1.4e-3 and the mean 0.5e-4 to 1.7e-4, for packed and right-padded log A passes alike.
+BF16_MAX = 2e-3
 
 
 def _jobs() -> list[PromptJob]:
@@ -65,7 +69,8 @@ def test_rho_is_one_at_initialisation(untrained_model, precision):
     rows = _rows(backend.tokenizer, backend.generate(_jobs(), sampling))
     log_rho = _log_rho(untrained_model, rows, precision)
     assert len(log_rho) == 36  # every completion, in the trainer's three micro-batches
-    assert log_rho.abs().max() < TOL, log_rho.abs().max()
+    assert log_rho.abs().mean() < TOL / 4, log_rho.abs().mean()
+    assert log_rho.abs().max() < (TOL if precision == "fp32" else BF16_MAX), log_rho.abs().max()
     # the training step itself, on one micro-batch at step 0: its mean log pi/A is that too
     policy, _ = checkpoints.load_policy(untrained_model, CPU)
     precision_policy.fp32_head(policy)

@@ -28,3 +28,26 @@ def test_seeded_uniforms_depend_only_on_seed_step_and_token():
     u = seeded_uniform(torch.arange(200), step=0, vocab=500).flatten()
     assert 0 < float(u.min()) and float(u.max()) < 1
     assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float((u < 0.1).double().mean()) - 0.1) < 0.005
+
+
+def test_seeded_uniforms_are_splitmix64_of_the_counter():
+    """The in-place tensor code against SplitMix64 written out on Python integers (mod 2^64)."""
+    import torch
+
+    from bond_data.backends.hf import seeded_uniform
+
+    mask, golden = (1 << 64) - 1, 0x9E3779B97F4A7C15
+
+    def splitmix(x):
+        x = (x + golden) & mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+
+    seeds, step, vocab = [0, 7, 2**62 + 12345, -(2**63), -1], 3, 40
+    got = seeded_uniform(torch.tensor(seeds), step, vocab)
+    for b, seed in enumerate(seeds):
+        base = splitmix((seed + step * golden) & mask)
+        for t in range(vocab):
+            bits = splitmix((base + t * 0xD1B54A32D192ED03) & mask)
+            assert float(got[b, t]) == ((bits >> 11) + 0.5) / 2**53

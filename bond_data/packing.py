@@ -13,7 +13,7 @@ so a row never attends to its neighbour. The bin's tail is padding with position
 Both layouts (packed, or right-padded as before with an attention mask) come out as one `Batch`
 that also says which hidden states predict completion tokens: `index` [M] into the flattened
 [P * L] positions, `targets` [M] the tokens they predict, `row` [M] the row each belongs to. Only
-those M positions go through the LM head (trainer/logprobs.py).
+those M positions go through the LM head (bond_data/logprobs.py).
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from trainer.logprobs import (SequenceLogprobs, batch_logprobs, chunked_token_logprobs, completion_logprobs,
-                              full_logits_logprobs)
-from trainer.packing import collate_packed, collate_padded, pack_bins
+from bond_data.logprobs import (SequenceLogprobs, batch_logprobs, chunked_token_logprobs, completion_logprobs,
+                                full_logits_logprobs)
+from bond_data.packing import collate_packed, collate_padded, pack_bins
 
 CPU = torch.device("cpu")
 
