@@ -83,12 +83,12 @@ def bon_position_kl(n: int, digits: int = DIGITS, exact_upto: int = 5) -> np.nda
 
 def token_logprobs(model_dir: str, prompts: list[str], completions: list[list[int]]) -> list[np.ndarray]:
     """log model(y_t | x, y_<t) of every completion token, by full logits and an fp32 log-softmax
-    (the reference path, trainer/losses.py), one array per completion."""
+    (the reference path, bond_data/logprobs.py: sequence_logprobs), one array per completion."""
     import torch
 
     from bond_data.backends.hf import prompt_token_ids
+    from bond_data.logprobs import collate
     from trainer import checkpoints
-    from trainer.logprobs import collate
 
     model, tokenizer = checkpoints.load_policy(model_dir, torch.device("cpu"), None)
     model.eval()
