@@ -11,8 +11,9 @@ How this differs from the paper:
    weights: exactly Best-of-N of A in expectation), instead of one sampled Best-of-N completion;
 2. the backward term is estimated offline on the anchor's pool with importance weights pi/A
    (trainer/losses.py) instead of on fresh policy samples, and against the *pool* weights
-   `bon_weight_pool` (never 0, so log w is finite; unbiased weights are 0 below rank N), with
-   `self_normalize` by rho / mean(rho) over each micro-batch (trainer/losses.py). Datasets
+   `bon_weight_pool` (never 0, so log w is finite; unbiased weights are 0 below rank N),
+   optionally (`self_normalize`, off by default) with rho / mean(rho) over each micro-batch
+   (trainer/losses.py). Datasets
    built before `bon_weight_pool` existed use `bon_weight` for both terms;
 3. log A is the dataset's `target_logprob`: the anchor's log-prob, or with `bond build --target
    sampler` the log-prob under the tempered sampler that drew the pool (older datasets:
