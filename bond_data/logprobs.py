@@ -35,11 +35,6 @@ def collate(rows: list[dict], device: torch.device):
     return input_ids, attention, input_ids[:, 1:], mask
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA, nothing elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
 HEAD_TF32 = True  # under CUDA autocast, the head's matmuls in TF32 (see _ChunkedLogprobs); benchmarks turn it off
 
 
