@@ -35,3 +35,30 @@ def tree_digest(root) -> dict[str, str]:
     root = Path(root)
     return {p.relative_to(root).as_posix(): file_sha256(p) for p in sorted(root.rglob("*"))
             if p.is_file() and p.name != "writer.lock"}
+
+
+def torchrun(nproc: int, store_root, flags: list[str], script: list[str] | None = None, port: int = 29541, check=True):
+    """`python -m torch.distributed.run` of trainer.train (or `script`) on a store, one thread per
+    process; the completed process (output captured as text)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    target = script or ["-m", "trainer.train"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+           *target, "--store", str(store_root), *flags]
+    return subprocess.run(cmd, env=env, check=check, timeout=600, capture_output=True, text=True)
+
+
+def crashing(fn, at: int, error: BaseException):
+    """`fn`, except that its `at`-th call raises `error` (a simulated crash mid-run)."""
+    calls = {"n": 0}
+
+    def wrapped(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise error
+        return fn(*args, **kw)
+
+    return wrapped

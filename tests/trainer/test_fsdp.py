@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,17 +16,15 @@ from trainer.anchor import ema_update
 from trainer.config import TrainConfig
 from trainer.fsdp import anchor_copy
 
+import testutil
+
 HELPERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers")
 FLAGS = ["--micro-batch-size", "8", "--epochs", "2", "--lr", "1e-3", "--warmup-steps", "2",
          "--checkpoint-every", "2", "--eta", "0.1", "--fsdp", "true"]
 
 
 def torchrun(nproc: int, store_root, *extra: str, script: list[str] | None = None, port: int = 29541, check=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    target = script or ["-m", "trainer.train"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
-           *target, "--store", str(store_root), *FLAGS, *extra]
-    return subprocess.run(cmd, env=env, check=check, timeout=600, capture_output=True, text=True)
+    return testutil.torchrun(nproc, store_root, [*FLAGS, *extra], script, port, check)
 
 
 def anchor1(root):

@@ -17,7 +17,7 @@ from trainer import lora
 from trainer import train as train_mod
 from trainer.checkpoints import load_policy
 from trainer.config import TrainConfig
-from testutil import run_generation, run_scoring
+from testutil import crashing, run_generation, run_scoring, torchrun
 
 SPEC = "r=4,alpha=8,targets=q_proj,v_proj"
 
@@ -139,15 +139,8 @@ def test_lora_an_interrupted_run_resumes_to_the_same_anchor(round0, tmp_path, mo
     train_mod.train(str(reference), cfg(eta=0.2, epochs=1))
     expected = load_file(str(reference / "anchors" / "round=1" / "model.safetensors"))
 
-    real_step, calls = train_mod.train_step, {"n": 0}
-
-    def crash_on_fifth(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt("simulated crash")
-        return real_step(*args, **kw)
-
-    monkeypatch.setattr(train_mod, "train_step", crash_on_fifth)
+    real_step = train_mod.train_step
+    monkeypatch.setattr(train_mod, "train_step", crashing(real_step, at=4, error=KeyboardInterrupt("simulated crash")))
     with pytest.raises(KeyboardInterrupt):
         train_mod.train(str(round0.root), cfg(eta=0.2, epochs=1))
     (step2,) = (round0.root / "train").rglob("step-2")  # the last checkpoint before the crash
@@ -166,18 +159,11 @@ def test_lora_an_interrupted_run_resumes_to_the_same_anchor(round0, tmp_path, mo
 @pytest.mark.slow
 def test_lora_torchrun_two_processes_match_one_process(round0, tmp_path):
     """DDP over a peft model: the frozen base is not synchronised, the adapters' gradients are."""
-    import os
-    import subprocess
-    import sys
-
     two = tmp_path / "two"
     shutil.copytree(round0.root, two)
     train_mod.train(str(round0.root), cfg(grad_accum=2, epochs=1))  # one process, 2 micro-batches per step
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
-           "-m", "trainer.train", "--store", str(two), "--micro-batch-size", "8", "--grad-accum", "1",
-           "--epochs", "1", "--lr", "1e-2", "--warmup-steps", "2", "--checkpoint-every", "2", "--lora", SPEC]
-    subprocess.run(cmd, env=env, check=True, timeout=600, capture_output=True)
+    torchrun(2, two, ["--micro-batch-size", "8", "--grad-accum", "1", "--epochs", "1", "--lr", "1e-2",
+                      "--warmup-steps", "2", "--checkpoint-every", "2", "--lora", SPEC], port=29541)
     one_w = anchor_weights(round0, 1)
     two_w = load_file(str(two / "anchors" / "round=1" / "model.safetensors"))
     for k in one_w:

@@ -4,10 +4,7 @@ resumes an interrupted run to the same parameters, and matches itself under torc
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pyarrow as pa
 import pytest
@@ -17,6 +14,8 @@ from safetensors.torch import load_file
 from trainer.config import TrainConfig
 from trainer import train as train_mod
 from trainer.checkpoints import is_complete
+
+from testutil import crashing, torchrun
 
 
 def cfg(**kw):
@@ -92,15 +91,8 @@ def test_an_interrupted_run_resumes_to_the_same_parameters(round0, tmp_path, mon
     train_mod.train(str(reference), cfg())
     expected = weights(reference / "anchors" / "round=1")
 
-    real_step, calls = train_mod.train_step, {"n": 0}
-
-    def crash_on_fifth(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt("simulated crash")
-        return real_step(*args, **kw)
-
-    monkeypatch.setattr(train_mod, "train_step", crash_on_fifth)
+    real_step = train_mod.train_step
+    monkeypatch.setattr(train_mod, "train_step", crashing(real_step, at=5, error=KeyboardInterrupt("simulated crash")))
     with pytest.raises(KeyboardInterrupt):
         train_mod.train(str(round0.root), cfg())
     assert round0.anchor(1) is None  # nothing half-registered
@@ -118,11 +110,8 @@ def test_torchrun_two_processes_match_one_process(round0, tmp_path):
     two = tmp_path / "two"
     shutil.copytree(round0.root, two)
     train_mod.train(str(round0.root), cfg(grad_accum=2))  # one process, 2 micro-batches per step
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           "-m", "trainer.train", "--store", str(two), "--micro-batch-size", "8", "--grad-accum", "1",
-           "--epochs", "2", "--lr", "1e-3", "--warmup-steps", "2", "--checkpoint-every", "2"]
-    subprocess.run(cmd, env=env, check=True, timeout=600, capture_output=True)
+    torchrun(2, two, ["--micro-batch-size", "8", "--grad-accum", "1", "--epochs", "2", "--lr", "1e-3",
+                      "--warmup-steps", "2", "--checkpoint-every", "2"], port=29533)
     one_w, two_w = weights(round0.root / "anchors" / "round=1"), weights(two / "anchors" / "round=1")
     for k in one_w:
         torch.testing.assert_close(two_w[k], one_w[k], rtol=0, atol=2e-5)
