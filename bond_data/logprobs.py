@@ -57,9 +57,13 @@ def _chunk_logits(hidden, weight, bias, softcap):
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
-    """log softmax(W h)[target] per row, chunk by chunk; the backward recomputes each chunk's logits
-    and turns them in place into d logp / d logits = onehot - softmax, so one [chunk, V] fp32 buffer
-    is the peak (two with soft-capping); d W accumulates over the chunks in one buffer.
+    """log softmax(W h)[target] per row, chunk by chunk. The forward keeps each row's logsumexp
+    (lse, [M]); the backward recomputes one chunk's logits, turns them in place into softmax =
+    exp(logits - lse) (two passes over [chunk, V], no max / sum / divide passes), and takes the
+    one-hot part of d logp / d logits = onehot - softmax as a gather / index_add of rows of W and h,
+    so one [chunk, V] fp32 buffer is the peak (two with soft-capping); d W accumulates over the
+    chunks in one buffer. Per token t with upstream gradient g_t:
+        d h_t = g_t (W[y_t] - softmax_t W),   d W = sum_t g_t (onehot_t - softmax_t)^T h_t.
 
     Called under CUDA autocast (the bf16-autocast policy on a GPU), its matmuls, forward and
     backward, run in TF32: fp32 in and out, inputs rounded to 10 mantissa bits (bf16 keeps 7),
@@ -71,10 +75,11 @@ class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, targets, weight, bias, chunk, softcap):
         out = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+        lse = torch.empty_like(out)
         ctx.tf32 = HEAD_TF32 and hidden.is_cuda and torch.is_autocast_enabled("cuda")
         with torch.autocast(hidden.device.type, enabled=False), _head_matmuls(ctx.tf32):
-            _forward_chunks(out, hidden, targets, weight, bias, chunk, softcap)
-        ctx.save_for_backward(hidden, targets, weight, bias)
+            _forward_chunks(out, lse, hidden, targets, weight, bias, chunk, softcap)
+        ctx.save_for_backward(hidden, targets, weight, bias, lse)
         ctx.chunk, ctx.softcap = chunk, softcap
         return out
 
@@ -84,34 +89,44 @@ class _ChunkedLogprobs(torch.autograd.Function):
             return _backward_chunks(ctx, grad_out)
 
 
-def _forward_chunks(out, hidden, targets, weight, bias, chunk, softcap):
+def _forward_chunks(out, lse, hidden, targets, weight, bias, chunk, softcap):
     for s in range(0, hidden.shape[0], chunk):
         logits = _chunk_logits(hidden[s : s + chunk], weight, bias, softcap)  # [c, V]
-        out[s : s + chunk] = logits.gather(-1, targets[s : s + chunk, None])[:, 0] - torch.logsumexp(logits, -1)
+        lse[s : s + chunk] = torch.logsumexp(logits, -1)
+        out[s : s + chunk] = logits.gather(-1, targets[s : s + chunk, None])[:, 0] - lse[s : s + chunk]
 
 
 def _backward_chunks(ctx, grad_out):
-    hidden, targets, weight, bias = ctx.saved_tensors
+    hidden, targets, weight, bias, lse = ctx.saved_tensors
     need_h, _, need_w, need_b = ctx.needs_input_grad[:4]  # a frozen head (LoRA) gets no [V, H] buffer
     grad_hidden = torch.empty_like(hidden) if need_h else None
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
     grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+    w = weight.float()
     for s in range(0, hidden.shape[0], ctx.chunk):
-        h, g = hidden[s : s + ctx.chunk], grad_out[s : s + ctx.chunk, None]  # [c, H], [c, 1]
-        raw = F.linear(h.float(), weight.float(), None if bias is None else bias.float())  # [c, V]
-        squash = torch.tanh(raw / ctx.softcap) if ctx.softcap else None
-        d = squash * ctx.softcap if ctx.softcap else raw  # the logits; becomes their gradient in place
-        d.sub_(d.max(-1, keepdim=True).values).exp_()
-        d.div_(d.sum(-1, keepdim=True)).mul_(-g)  # -g * softmax
-        d.scatter_add_(-1, targets[s : s + ctx.chunk, None], g)  # + g * onehot
-        if ctx.softcap:  # through cap * tanh(z / cap): times 1 - tanh^2
-            d.mul_(squash.square_().neg_().add_(1))
-        if need_h:
-            grad_hidden[s : s + ctx.chunk] = (d @ weight.float()).to(hidden.dtype)  # [c, H]
+        h, y, g = hidden[s : s + ctx.chunk].float(), targets[s : s + ctx.chunk], grad_out[s : s + ctx.chunk, None]
+        raw = F.linear(h, w, None if bias is None else bias.float())  # [c, V]
+        if ctx.softcap:  # through cap * tanh(z / cap): d = (onehot - softmax) * (1 - tanh^2), times g
+            squash = torch.tanh(raw / ctx.softcap)
+            d = (squash * ctx.softcap).sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-g)
+            d.scatter_add_(-1, y[:, None], g).mul_(squash.square_().neg_().add_(1))
+            gh = None
+        else:  # softmax in place; the one-hot part through rows of W and h
+            d = raw.sub_(lse[s : s + ctx.chunk, None]).exp_()
+            gh = g * h  # [c, H]
+        if need_h:  # accumulated into their buffers by addmm: no [V, H] temporary per chunk
+            d_h = d @ w if gh is None else torch.addmm(w[y], d, w, alpha=-1).mul_(g)  # [c, H]
+            grad_hidden[s : s + ctx.chunk] = d_h.to(hidden.dtype)
         if need_w:
-            grad_weight.add_(d.T @ h.float())  # [V, H]
+            if gh is None:
+                grad_weight.addmm_(d.T, h)
+            else:
+                grad_weight.addmm_(d.T, gh, alpha=-1).index_add_(0, y, gh)
         if need_b:
-            grad_bias.add_(d.sum(0))
+            if gh is None:
+                grad_bias.add_(d.sum(0))
+            else:
+                grad_bias.addmv_(d.T, g[:, 0], alpha=-1).index_add_(0, y, g[:, 0])
     cast = lambda grad, like: None if grad is None else grad.to(like.dtype)
     return grad_hidden, None, cast(grad_weight, weight), cast(grad_bias, bias), None, None
 
