@@ -127,6 +127,8 @@ def main() -> None:
     ap.add_argument("--bandwidth-gbs", type=float, help="the card's memory bandwidth, when its name is not in the table")
     ap.add_argument("--per-prompt", action="store_true", help="also time one generate() per prompt (slow)")
     ap.add_argument("--quick", action="store_true", help="16 prompts x k=4, 16 new tokens, batch 32")
+    ap.add_argument("--paths", help="comma-separated subset of hf/dynamic, ours/dynamic, ours/static, "
+                    "ours/static-compiled, hf/static-compiled (default: all; hf/dynamic and ours/dynamic always run)")
     args = ap.parse_args()
     if args.quick:
         args.prompts, args.k, args.new_tokens, args.batch_size = 16, 4, 16, 32
@@ -134,6 +136,8 @@ def main() -> None:
     build(folder, args.shape)
     cuda = args.device.startswith("cuda")
     decodings = ["dynamic", "static", "static-compiled"] if cuda else ["dynamic", "static"]
+    wanted = set(args.paths.split(",")) | {"hf/dynamic", "ours/dynamic"} if args.paths else None
+    decodings = [d for d in decodings if wanted is None or f"ours/{d}" in wanted]
     backends = {d: load_backend(folder, args.device, args.batch_size, d) for d in decodings}
     tok = backends["dynamic"].tokenizer
     dtype = torch.bfloat16 if cuda else torch.float32  # plain generate as a user would run it
@@ -168,7 +172,7 @@ def main() -> None:
 
     runs = {"hf/dynamic": hf_batched({})}  # the baseline first: a run cut short by a time limit still has it
     runs.update({f"ours/{d}": ours(d) for d in decodings})
-    if cuda:
+    if cuda and (wanted is None or "hf/static-compiled" in wanted):
         runs["hf/static-compiled"] = hf_batched({"cache_implementation": "static"})
     if args.per_prompt:
         runs["per-prompt"] = per_prompt

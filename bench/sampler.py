@@ -23,9 +23,11 @@ from bond_data.backends.base import Sampling
 
 
 def module_at(rev: str):
-    """bond_data/backends/hf.py as it was at `rev`, imported under another name."""
-    source = subprocess.run(["git", "show", f"{rev}:bond_data/backends/hf.py"], capture_output=True, text=True,
-                            check=True, cwd=Path(__file__).parent).stdout
+    """bond_data/backends/hf.py as it was at `rev` (or in the file `rev`, where git is not at hand: a
+    lent GPU machine gets the working tree without .git), imported under another name."""
+    source = Path(rev).read_text() if Path(rev).is_file() else subprocess.run(
+        ["git", "show", f"{rev}:bond_data/backends/hf.py"], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).parent).stdout
     path = Path(tempfile.mkdtemp()) / "hf_before.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("hf_before", path)
@@ -53,7 +55,7 @@ def run(module, logits: torch.Tensor, steps: int, sampling: Sampling):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--before", default="18a6fa8", help="the commit to compare with")
+    ap.add_argument("--before", default="18a6fa8", help="the commit to compare with, or a file holding that hf.py")
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--steps", type=int, default=8)

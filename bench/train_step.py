@@ -4,7 +4,9 @@
   as bond_data/precision.py wants), their fp32 log-softmax (`full_logits_logprobs`), Jeffreys
   loss, backward;
 - `after`: `trainer.train.train_step`: packed rows, the LM head only at completion positions, in
-  checkpointed chunks (`bond_data/logprobs.py`); optionally torch.compile / activation checkpointing.
+  checkpointed chunks (`bond_data/logprobs.py`); optionally torch.compile / activation checkpointing;
+  `liger` (CUDA, measured only: `pip install liger-kernel`, not a dependency) swaps Qwen2's RMSNorm,
+  RoPE and SwiGLU for Liger's Triton kernels.
 
 Each variant runs in its own child process, so its peak memory is its own: on CUDA
 `torch.cuda.max_memory_allocated`, on the CPU the rise of the peak RSS over the RSS before the
@@ -38,7 +40,8 @@ import torch
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, no sparsity
 VARIANTS = {"before": ("before", ()), "after": ("after", ()), "compile": ("after", ("--compile",)),
             "checkpointing": ("after", ("--checkpointing",)), "fsdp": ("after", ("--fsdp",)),
-            "strict-head": ("after", ("--strict-head",))}
+            "strict-head": ("after", ("--strict-head",)), "liger": ("after", ("--liger",)),
+            "liger-compile": ("after", ("--liger", "--compile"))}
 SIZES = {  # model shape, rows per micro-batch, micro-batches per step, completion lengths, prompt lengths
     "cpu-quick": dict(hidden=128, inter=384, layers=2, rows=8, micro=1, completion=(32, 160), prompt=(16, 32), steps=2),
     "cpu": dict(hidden=256, inter=704, layers=4, rows=8, micro=1, completion=(128, 384), prompt=(32, 64), steps=3),
@@ -98,6 +101,11 @@ def worker(args) -> None:
         import bond_data.logprobs
 
         bond_data.logprobs.HEAD_TF32 = False
+    if args.liger:  # Liger's Triton RMSNorm, RoPE and SwiGLU in the Qwen2 modules (CUDA only; not a dependency)
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+        apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
     size = SIZES[args.size]
     policy = build_model(size, device, args.attn)
     rows = build_rows(size)
@@ -201,6 +209,7 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
                     help="after the timed steps, profile one more and print its top ROWS ops by device time")
     ap.add_argument("--strict-head", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--liger", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         args.variant = args.worker

@@ -14,5 +14,6 @@ ver() { .venv/bin/python -c "import importlib.metadata as m; print(m.version('$1
   --platform manylinux2014_x86_64 -d .whl \
   "transformers==$(ver transformers)" "duckdb==$(ver duckdb)" "pydantic==$(ver pydantic)" \
   "pydantic_core==$(ver pydantic_core)" "annotated_types==$(ver annotated_types)" \
-  "typing_inspection==$(ver typing_inspection)" "typing_extensions==$(ver typing_extensions)"
+  "typing_inspection==$(ver typing_inspection)" "typing_extensions==$(ver typing_extensions)" \
+  "liger-kernel==0.8.5"  # bench/train_step.py's liger variants only (Triton kernels; not a dependency)
 du -sh .whl && ls .whl
