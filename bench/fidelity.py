@@ -166,7 +166,8 @@ def measure_bon(ns: list[int], task, pool: Path, seed: int, bon_q: dict[int, lis
     return [_row("Best-of-N sampling", n, seed, m, bon_q) for n, m in ms.items()]
 
 
-def run_seed(name: str, task, work: Path, pool: Path, seed: int, quick: bool, k: int) -> list[dict]:
+def run_seed(name: str, task, work: Path, pool: Path, seed: int, quick: bool, k: int,
+             only_rs_forward: bool = False) -> list[dict]:
     round0 = 100 * seed
     base = base_store(work / "base", task, k, round0)
     bon_q: dict[int, list[float]] = {}
@@ -177,11 +178,14 @@ def run_seed(name: str, task, work: Path, pool: Path, seed: int, quick: bool, k:
         rows.append(bon_row)
         rows.append(measure("RS-SFT", n, train_offline(base, work / f"rs-{n}", round0, n, 0.0, seed, rs_sft=True),
                             task, pool, seed, bon_q))
-        variants = [("BOND forward (beta 0)", 0.0)] + ([("BOND Jeffreys (beta 0.5)", 0.5)] if n == 8 else [])
+        jeffreys = n == 8 and not only_rs_forward
+        variants = [("BOND forward (beta 0)", 0.0)] + ([("BOND Jeffreys (beta 0.5)", 0.5)] if jeffreys else [])
         for method, beta in variants:
             rows.append(measure(method, n, train_offline(base, work / f"b{beta}-{n}", round0, n, beta, seed),
                                 task, pool, seed, bon_q))
         print_rows(f"{name}, seed {seed}", rows)
+    if only_rs_forward:
+        return rows
     if not quick and name == "digits":  # k = N = 8: unbiased weights = rejection sampling (all forward mass on each pool's best)
         base8 = base_store(work / "base-k8", task, 8, round0)
         rows.append(measure("BOND Jeffreys, k = N", 8, train_offline(base8, work / "k8", round0, 8, 0.5, seed),
@@ -221,7 +225,7 @@ def run_online(task, folder: Path, pool: Path | None, seed: int, steps: int, kl_
 
 
 def run_task(name: str, out: Path, quick: bool, seeds: list[int], k: int, online_steps: int,
-             online_seeds: list[int], kl_coefs: tuple[float, ...], save) -> dict:
+             online_seeds: list[int], kl_coefs: tuple[float, ...], save, only_rs_forward: bool = False) -> dict:
     """Every seed of one task, then its online runs; `save(result)` after each seed and run."""
     task = load_task(name)
     pool = evaluate.ensure_eval_pool(out / f"{name}-eval", str(task.model_dir), str(task.eval_prompts_file),
@@ -231,7 +235,7 @@ def run_task(name: str, out: Path, quick: bool, seeds: list[int], k: int, online
     for seed in seeds:
         work = out / name / f"seed{seed}"
         shutil.rmtree(work, ignore_errors=True)
-        result["rows"] += run_seed(name, task, work, pool, seed, quick, k)
+        result["rows"] += run_seed(name, task, work, pool, seed, quick, k, only_rs_forward)
         save(result)
     for seed in online_seeds if name == "digits" and online_steps else []:
         result["online"] += run_online(task, out / name / "online", pool, seed, online_steps,
@@ -300,8 +304,23 @@ def targets(task: str, rows: list[dict]) -> list[str]:
             spread = "one seed, no spread" if fwd["seeds"] < 2 else "beyond the seed spread" if apart else "within the seed spread"
             verdict = f"forward closer, {spread}" if fwd["ks_bon"] < rs["ks_bon"] else "RS-SFT closer"
             out.append(f"- N={n}: KS to measured Best-of-N: exact-weight forward {_pm(fwd, 'ks_bon')} vs RS-SFT "
-                       f"{_pm(rs, 'ks_bon')} ({verdict})")
+                       f"{_pm(rs, 'ks_bon')} ({verdict}){paired_ks(rows, n)}")
     return out
+
+
+def paired_ks(rows: list[dict], n: int) -> str:
+    """Forward against RS-SFT seed by seed: both train on the same pool and are measured against the
+    same Best-of-N rows, so the per-seed difference d = KS(RS-SFT) - KS(forward) removes what the
+    seeds share (pool, evaluation draw). Separated when mean d exceeds twice its standard error."""
+    by = {(r["method"], r["N"], r["seed"]): r.get("ks_bon") for r in rows}
+    pairs = [(by.get(("RS-SFT", n, s)), by.get(("BOND forward (beta 0)", n, s))) for s in sorted({r["seed"] for r in rows})]
+    d = np.array([rs - fwd for rs, fwd in pairs if rs is not None and fwd is not None])
+    if d.size < 2:
+        return ""
+    se = d.std(ddof=1) / np.sqrt(d.size)
+    verdict = "separated" if d.mean() > 2 * se else "not separated"
+    return (f"; paired by seed: RS-SFT - forward {d.mean():+.3f} ± {se:.3f} (standard error), forward lower on "
+            f"{int((d > 0).sum())} of {d.size} seeds: {verdict}")
 
 
 def online_table(online: list[dict], every: int = 50) -> str:
@@ -361,6 +380,8 @@ def main() -> None:
     ap.add_argument("--online-only", action="store_true", help="only the online runs (digits): train or resume, "
                     "evaluate each checkpoint, write rows-online.json (merge with --rows)")
     ap.add_argument("--train-only", action="store_true", help="with --online-only: train, do not evaluate")
+    ap.add_argument("--only-rs-forward", action="store_true", help="only pi_0, measured Best-of-N, RS-SFT and the "
+                    "exact-weight forward term at each N (the KS comparison; no Jeffreys, iterative or online runs)")
     ap.add_argument("--self-normalize", action="store_true", help="offline training with the trainer's self_normalize "
                     "(the backward term's rho / mean rho; bench/RESULTS.md, 'Tracing the digits KL overshoot')")
     args = ap.parse_args()
@@ -389,14 +410,16 @@ def main() -> None:
     start = time.time()
     results = {}
     args.out.mkdir(parents=True, exist_ok=True)
-    rows_path = args.out / ("rows-quick.json" if args.quick else "rows.json")
+    rows_path = args.out / ("rows-quick.json" if args.quick else "rows-rs-forward.json" if args.only_rs_forward else "rows.json")
 
     def save(result: dict, name: str = "") -> None:  # partial results survive a run cut short
         rows_path.write_text(json.dumps({**results, name: result}))
 
     for name in tasks:
-        results[name] = run_task(name, args.out, args.quick, seeds, args.k, 0 if args.quick else args.online_steps,
-                                 seeds[: args.online_seeds], KL_COEFS, lambda r, name=name: save(r, name))
+        results[name] = run_task(name, args.out, args.quick, seeds, args.k,
+                                 0 if args.quick or args.only_rs_forward else args.online_steps,
+                                 seeds[: args.online_seeds], KL_COEFS, lambda r, name=name: save(r, name),
+                                 args.only_rs_forward)
     rows_path.write_text(json.dumps(results))
     report = report_lines(results)
     minutes = (time.time() - start) / 60
