@@ -42,7 +42,7 @@ class TrainConfig(Config):
                             "another policy than the pool's is refused (bond_data/precision.py)")
     # efficiency (issue 12): none of these changes the math, only speed and memory
     packing: bool = Field(True, description="pack each micro-batch's rows into shared rows (position ids restart per row, no cross-row attention) instead of padding each")
-    pack_length: int | None = Field(None, ge=1, description="width of a packed row in tokens; none: twice the micro-batch's longest row (wider rows waste less on padding but cost more attention with SDPA's dense mask)")
+    pack_length: int | None = Field(None, ge=1, description="widest a packed row may be, in tokens; none: twice the micro-batch's longest row; the rows are balanced over bins for the least padding (wider rows waste less on padding but cost more attention with SDPA's dense mask)")
     logprob_chunk: int = Field(512, ge=1, description="completion tokens per LM-head chunk: the [chunk, vocab] logits are the only vocab-sized tensor, recomputed in the backward")
     attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] | None = Field(None, description="transformers attention kernel; none: transformers' default (SDPA where the architecture has it; Gemma-2 has not); flex_attention skips the masked blocks of packed rows (GPU; compiles), flash_attention_2 needs the flash-attn package")
     compile: bool = Field(False, description="torch.compile each decoder layer (dynamic shapes; first steps are slow; 1.28x on a 0.5B Qwen2 step on an H200)")
