@@ -41,11 +41,9 @@ missing settings, `--force` all).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import math
-import random
 import shutil
 import sys
 from pathlib import Path
@@ -206,27 +204,6 @@ def fidelity_refs(task, pool: Path, seed: int, cache: Path) -> dict:
     return {int(n): v for n, v in json.loads(cache.read_text()).items()}
 
 
-def more_prompts(task, count: int, folder: Path):
-    """The task with `count` training prompts: the shipped ones, then fresh words (the task's own
-    generator, seeded) that are neither training nor held-out words. count <= 64: the task as is."""
-    from bond_data.tasks import tiny
-    from bond_data.tasks.common import read_prompts
-
-    if count <= 64:
-        return task
-    taken = set(read_prompts(task.prompts_file)) | set(read_prompts(task.eval_prompts_file))
-    prompts, rng = read_prompts(task.prompts_file), random.Random(99)
-    while len(prompts) < count:
-        p = tiny.make_prompt(tiny._random_word(rng))
-        if p not in taken:
-            taken.add(p)
-            prompts.append(p)
-    path = folder / f"tiny_prompts_{count}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    return dataclasses.replace(task, prompts_file=path)
-
-
 def setting_key(args) -> dict:
     return {"n": args.n, "k": args.k, "epochs": args.epochs, "lr": args.lr, "beta": args.beta, "eta": args.eta,
             "grad_accum": args.grad_accum, "prompts": args.prompts, "train_prompts": args.train_prompts}
@@ -249,7 +226,7 @@ def trace_seed(args, task, seed: int, rows: list[dict]) -> list[dict]:
         pi0_path.write_text(json.dumps(measure(str(task.model_dir), str(task.model_dir), task, rs0, prompts, seed)))
     base_dir = work / f"base-k{args.k}" if args.train_prompts == 64 else work / f"base-k{args.k}-p{args.train_prompts}"
     base = Store(base_dir) if base_dir.is_dir() else fidelity.base_store(
-        base_dir, more_prompts(task, args.train_prompts, args.out), args.k, 100 * seed)
+        base_dir, fidelity.with_training_prompts(task, args.train_prompts, args.out), args.k, 100 * seed)
     name = "-".join(f"{k}{v}" for k, v in s.items())
     rounds = run_iteration(base, work / name, task, seed, s)
     store = Store(work / name)
