@@ -1,8 +1,9 @@
 """Trace the tie-heavy `tiny` iterative run (n = 2 per round, M = 3) round by round: where does its KL go?
 
 `bench/fidelity.py` measures iterated Jeffreys on `tiny` once per round against pi_0. This driver
-reruns that iteration (same seed's pools, same datasets, `trainer/configs/tiny.yaml`; round 0 of the
-default setting is fidelity.py's own pool, so the policies are the same) with a checkpoint after
+reruns that iteration (same seed's pools, same datasets, `trainer/configs/tiny.yaml`, whose lr 1e-3
+is the default here; fidelity.py's iterative rows now train at its ITERATIVE_LR, `--lr 0.0003`;
+round 0 is fidelity.py's own pool, so the policies are the same) with a checkpoint after
 every epoch, and measures every checkpoint on 256 samples per held-out prompt (the first 64 are
 fidelity.py's, same seeds: `kl64` / `log_p_le64` reproduce its rows), against two rulers:
 
@@ -32,7 +33,7 @@ the same pool.
     python bench/fidelity_trace_tiny.py --seeds 0 1 2 --n 1           # null: weights 1, the target is the anchor itself
     python bench/fidelity_trace_tiny.py --seeds 0 1 2 --k 64          # 4x the pool per round
     python bench/fidelity_trace_tiny.py --seeds 0 --prompts train     # measured on the 64 training prompts
-    python bench/fidelity_trace_tiny.py --table                       # the tables of bench/RESULTS.md
+    python bench/fidelity_trace_tiny.py --table --seeds 0 1 2         # the tables of bench/RESULTS.md
 
 Rows go to <out>/trace.json (one per setting, seed, round and epoch; a rerun trains and measures only
 missing settings, `--force` all).
@@ -266,7 +267,7 @@ def same(a: dict, b: dict) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 (with --table: every seed in trace.json)")
     ap.add_argument("--n", type=int, default=2, help="Best-of-n per round (1: the null, weights 1)")
     ap.add_argument("--k", type=int, default=16, help="pool size per training prompt and round (fidelity.py: 16)")
     ap.add_argument("--epochs", type=int, default=fidelity.TRAIN["epochs"])
@@ -280,12 +281,21 @@ def main() -> None:
     ap.add_argument("--every-epoch", action="store_true", help="measure every epoch's checkpoint (default: each round's last)")
     ap.add_argument("--force", action="store_true", help="train and measure again even if trace.json has the rows")
     ap.add_argument("--table", action="store_true", help="only print the tables of trace.json")
+    ap.add_argument("--task", default="tiny", choices=["tiny", "digits"], help="digits: the continuous task (rows in "
+                    "<out>/digits/; its gain and KL figures only: every sample is its own reward level there)")
     args = ap.parse_args()
+    if args.task == "digits":
+        if args.train_prompts != 64:
+            ap.error("--train-prompts needs the tiny task")
+        args.out = args.out / "digits"
     trace_path = args.out / "trace.json"
     rows = json.loads(trace_path.read_text()) if trace_path.is_file() else []
     if args.table:
+        rows = [r for r in rows if args.seeds is None or r["seed"] in args.seeds]
+        print(summary(rows))
+        print()
         print(tables(rows))
-        for path in sorted(args.out.glob("seed*/pi0-*.json")):
+        for path in sorted(p for s in (args.seeds or range(100)) for p in args.out.glob(f"seed{s}/pi0-*.json")):
             m = json.loads(path.read_text())
             print(f"pi_0 against its own ruler ({path.parent.name}, {path.stem}): KL {m['kl']:.4f}, level part {m['level_kl']:.3f} "
                   f"(the plug-in's floor), off ruler {m['off_ruler']:.1%}, correct {m['correct']:.1%}")
@@ -293,9 +303,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    task = fidelity.load_task("tiny")
+    task = fidelity.load_task(args.task)
     args.out.mkdir(parents=True, exist_ok=True)
-    for seed in args.seeds:
+    for seed in args.seeds or [0]:
         key = {**setting_key(args), "seed": seed}
         if not args.force and any(all(r.get(k, DEFAULTS.get(k)) == v for k, v in key.items()) for r in rows):
             continue
@@ -323,6 +333,23 @@ def _groups(rows: list[dict], last_epoch: bool) -> dict[tuple, list[dict]]:
         if not last_epoch or r["epoch"] == r["epochs"]:
             out.setdefault(tuple(r.get(k, DEFAULTS.get(k)) for k in SETTING) + (r["round"], r["epoch"]), []).append(r)
     return out
+
+
+def summary(rows: list[dict]) -> str:
+    """Markdown: each setting's M = 3 policy against the target, on all 256 samples and on
+    fidelity.py's 64 (its own pi_0 and sampled Best-of-8 rows, where measured), and its budget."""
+    lines = ["| n | k | training prompts | other | measured on | seeds | samples / round | steps / round "
+             "| M = 3: gain | KL / BoN-8's | fidelity.py's figures (64 samples) |", "|---:|---:|---:|---|---|---:|---:|---:|---|---|---|"]
+    for key, rs in sorted(_groups(rows, last_epoch=True).items()):
+        n, k, epochs, lr, beta, eta, accum, prompts, train_prompts, round_, _ = key
+        if round_ != ROUNDS:
+            continue
+        other = ", ".join(f"{name} {v}" for name, v, default in (("epochs", epochs, 4), ("lr", lr, 1e-3), ("beta", beta, 0.5),
+                                                                 ("eta", eta, 0.0), ("grad_accum", accum, 1)) if v != default)
+        fid = (f"{_cell(rs, 'gain64', PCT)} at {_cell(rs, 'kl_ratio64', TIMES)}" if all("gain64" in r for r in rs) else "-")
+        lines.append(f"| {n} | {k} | {train_prompts} | {other or 'default'} | {prompts} | {len(rs)} | {k * train_prompts:,} | "
+                     f"{epochs * k * train_prompts // (32 * accum)} | {_cell(rs, 'gain', PCT)} | {_cell(rs, 'kl_ratio', TIMES)} | {fid} |")
+    return "\n".join(lines)
 
 
 def tables(rows: list[dict]) -> str:
