@@ -18,13 +18,13 @@ Each KL is split by the chain rule into the part the reward sees and the part it
 KL(pi || A) = KL(P_pi(v) || P_A(v)) + E_v KL(pi(.|v) || A(.|v)), v the reward level. Best-of-N's
 density ratio depends on y only through r(y) (Theorem 1), so its within-level part is exactly 0:
 KL spent inside a level (among completions of equal reward) buys nothing. The level laws are
-plug-in estimates per prompt (policy: 256 samples; A: its ruler), biased up by about
-(levels - 1) / (2 x 256) nats; pi_0 measured against its own ruler gives that floor. Also: the share
+plug-in estimates per prompt (policy: 256 samples; A: its ruler), biased up: pi_0 measured
+against its own ruler gives that floor (about 0.04 nats on `tiny`). Also: the share
 of samples off the anchor's ruler (a completion none of its 256 samples wrote) and the KL they
 carry, and how concentrated the KL is on a few prompts.
 
 Per round it checks the dataset: both weight columns against brute-force enumeration (all
-2-subsets for `bon_weight`, all ordered pairs with replacement for `bon_weight_pool`, ties split
+n-subsets for `bon_weight`, all ordered n-tuples with replacement for `bon_weight_pool`, ties split
 uniformly), that the candidates came from the round's registered anchor, rho = 1 at the first
 step, and the KL of the weighted level law (the round's target) against Best-of-n's exact KL on
 the same pool.
@@ -32,6 +32,7 @@ the same pool.
     python bench/fidelity_trace_tiny.py --seeds 0 1 2 --every-epoch   # the default iteration, per round and epoch
     python bench/fidelity_trace_tiny.py --seeds 0 1 2 --n 1           # null: weights 1, the target is the anchor itself
     python bench/fidelity_trace_tiny.py --seeds 0 1 2 --k 64          # 4x the pool per round
+    python bench/fidelity_trace_tiny.py --seeds 0 1 2 --lr 0.0003     # fidelity.py's iterative lr
     python bench/fidelity_trace_tiny.py --seeds 0 --prompts train     # measured on the 64 training prompts
     python bench/fidelity_trace_tiny.py --table --seeds 0 1 2         # the tables of bench/RESULTS.md
 
