@@ -29,6 +29,7 @@ Writes bench/RESULTS.md (appended), a PNG and bench-out/fidelity/rows.json.
     python bench/fidelity.py            # both tasks, 3 seeds, the online comparison on digits
     python bench/fidelity.py --quick    # tiny task, N = 8, M <= 2, one seed, no online runs
     python bench/fidelity.py --rows bench-out/fidelity/rows.json   # only redraw the plot
+    python bench/fidelity.py --only-rs-forward --seeds 12   # RS-SFT vs the forward term alone, paired by seed
 """
 
 from __future__ import annotations
