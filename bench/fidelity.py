@@ -54,18 +54,15 @@ from bond_data.files import folder_sha256, write_parquet_atomic
 from bond_data.prompts import add_prompts
 from bond_data.store import Store
 from trainer import evaluate
-from trainer.config import TINY_TRAIN, OnlineConfig, TrainConfig
+from trainer.config import TINY_ITERATIVE_LR, TINY_TRAIN, OnlineConfig, TrainConfig
 from trainer.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
 from fidelity_plot import aggregate, plot
 
 TRAIN = TrainConfig.load(TINY_TRAIN).model_dump(exclude={"round", "beta", "dataset_id", "seed"})  # shared with `bond demo`
-# A Best-of-2 round moves its anchor by ~0.18 nats; at tiny.yaml's lr 1e-3 a round's 128 Adam steps
-# drift ~0.2-0.3 nats from the anchor even when the target *is* the anchor (weights 1), most of it
-# within reward levels, which no quantile sees; at 3e-4 that drift is ~0.07. Direct N = 8 (1.07
-# nats) keeps 1e-3 (at 3e-4 its backward term's excursion off the pool is slower to undo).
-ITERATIVE_LR = 3e-4
+ITERATIVE_LR = TINY_ITERATIVE_LR  # 3e-4, as `bond demo` (trainer/config.py); direct rows keep tiny.yaml's 1e-3
+# (at 3e-4 direct N = 8's backward-term excursion off the pool is slower to undo)
 EVAL_POOL_K = 256  # pi_0 samples per held-out prompt: the ruler for p_le and the exact Best-of-N KL
 EVAL_SAMPLES = 64  # fresh samples per held-out prompt and policy (32 prompts: 2,048 per policy)
 ONLINE = {"lr": 1e-3, "prompts_per_step": 32, "checkpoint_every": 25, "keep_checkpoints": 0}  # both online methods

@@ -34,7 +34,13 @@ from pathlib import Path
 import flows  # noqa: F401  (sets Prefect's environment defaults before Prefect is imported)
 from bond_data.config import BuildConfig, GenerateConfig, ScoreConfig, add_config_flags
 from bond_data.tasks.tiny import REWARD_SPEC as TINY_REWARD
-from trainer.config import TINY_TRAIN, EvalConfig, OnlineConfig, TrainConfig
+from trainer.config import (
+    TINY_ITERATIVE_LR,
+    TINY_TRAIN,
+    EvalConfig,
+    OnlineConfig,
+    TrainConfig,
+)
 
 RM_HELP = f"reward model: a sequence-classification folder or module:function (default {TINY_REWARD})"
 
@@ -491,7 +497,7 @@ def cmd_demo(args) -> None:
     add_prompts(store, task.prompts_file)
     bond_rounds(str(store.root), args.rounds, generate=GenerateConfig(k=args.k, max_new_tokens=16).model_dump(),
                 score=ScoreConfig(rm=task.reward).model_dump(), build=BuildConfig(n=args.n).model_dump(),
-                train=TrainConfig.load(TINY_TRAIN).model_dump(),
+                train={**TrainConfig.load(TINY_TRAIN).model_dump(), "lr": TINY_ITERATIVE_LR},  # rounds of Best-of-2
                 evaluate=EvalConfig(prompts=str(task.eval_prompts_file), rm=task.reward, max_new_tokens=16).model_dump())
     last = args.rounds - 1
     print_rounds(evaluation_rows(store, last), args.n)
