@@ -1,0 +1,111 @@
+"""The chunked LM head alone (bond_data/logprobs.py), forward + backward: this commit against an
+earlier one (default 631d2d3: the backward with max / sum / divide passes), and this one with a
+compiled one-pass logsumexp in the forward (measured only; not what the trainer runs). Same inputs,
+interleaved, best of `--repeats`; the log-probs and gradients must agree.
+
+    python bench/head.py --quick                                  # CPU, small
+    python bench/head.py --device cuda --before .whl/old_logprobs.py   # a GPU machine has no .git:
+        # there, `git show 631d2d3:bond_data/logprobs.py > .whl/old_logprobs.py` first (carry [".whl"])
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import bond_data.logprobs as now
+
+
+def module_at(rev: str):
+    source = Path(rev).read_text() if Path(rev).is_file() else subprocess.run(
+        ["git", "show", f"{rev}:bond_data/logprobs.py"], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).parent).stdout
+    path = Path(tempfile.mkdtemp()) / "logprobs_before.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("logprobs_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compiled_lse_variant():
+    """bond_data.logprobs with its forward's logsumexp compiled (one fused reduction kernel)."""
+    spec = importlib.util.spec_from_file_location("logprobs_lse", now.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lse = torch.compile(lambda x: torch.logsumexp(x, -1), dynamic=True)
+
+    def forward_chunks(out, lse_out, hidden, targets, weight, bias, chunk, softcap):
+        for s in range(0, hidden.shape[0], chunk):
+            logits = module._chunk_logits(hidden[s : s + chunk], weight, bias, softcap)
+            lse_out[s : s + chunk] = lse(logits)
+            out[s : s + chunk] = logits.gather(-1, targets[s : s + chunk, None])[:, 0] - lse_out[s : s + chunk]
+
+    module._forward_chunks = forward_chunks
+    return module
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--before", default="631d2d3", help="a commit, or a file holding that logprobs.py")
+    ap.add_argument("--tokens", type=int, default=None, help="completion tokens (default: 10240 on CUDA, 2048 on CPU)")
+    ap.add_argument("--hidden", type=int, default=896)
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="CPU: 512 tokens, hidden 128")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    m = args.tokens or (10240 if cuda else 512 if args.quick else 2048)
+    hidden_size = 128 if args.quick else args.hidden
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(m, hidden_size, generator=g).to(device).requires_grad_()
+    w = (torch.randn(args.vocab, hidden_size, generator=g) * 0.05).to(device).requires_grad_()
+    y = torch.randint(0, args.vocab, (m,), generator=g).to(device)
+    coef = torch.randn(m, generator=g).to(device)
+    variants = {"before": module_at(args.before), "now": now}
+    if cuda:
+        variants["now + compiled logsumexp"] = compiled_lse_variant()
+
+    def run(mod):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):  # the GPU policy: TF32 head
+            out = mod.chunked_token_logprobs(h, y, w, chunk=512)
+            grads = torch.autograd.grad((out * coef).sum(), (h, w))
+        return out.detach(), grads
+
+    results, times = {}, {k: [] for k in variants}
+    for name, mod in variants.items():  # warm-up (and compilation)
+        results[name] = run(mod)
+    for _ in range(args.repeats):
+        for name, mod in variants.items():
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            run(mod)
+            if cuda:
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t)
+    where = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"{where}, torch {torch.__version__}: chunked head fwd+bwd, {m} tokens x {hidden_size} hidden x "
+          f"{args.vocab} vocab, chunks of 512{', bf16 autocast (TF32 head)' if cuda else ''}")
+    base = min(times["before"])
+    ref_out, ref_grads = results["before"]
+    for name, ts in times.items():
+        out, grads = results[name]
+        d_out = float((out - ref_out).abs().max())
+        d_grad = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(grads, ref_grads))
+        print(f"{name:>26}: {min(ts) * 1e3:8.1f} ms, {m / min(ts):,.0f} tokens/s, {base / min(ts):.2f}x; against "
+              f"before: log p {d_out:.1e} nats, gradients {d_grad:.1e} of their largest entry")
+
+
+if __name__ == "__main__":
+    main()
