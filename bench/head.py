@@ -1,9 +1,9 @@
 """The chunked LM head alone (bond_data/logprobs.py), forward + backward: this commit against an
-earlier one (default 631d2d3: the backward with max / sum / divide passes), and this one with a
-compiled one-pass logsumexp in the forward (measured only; not what the trainer runs). Same inputs,
+earlier one (default 631d2d3: the backward with max / sum / divide passes), and this one with its
+forward logsumexp compiled (`fused_lse`, what the trainer runs with `compile: true`). Same inputs,
 interleaved, best of `--repeats`; the log-probs and gradients must agree.
 
-    python bench/head.py --quick                                  # CPU, small
+    python bench/head.py --quick [--fused]                        # CPU, small
     python bench/head.py --device cuda --before .whl/old_logprobs.py   # a GPU machine has no .git:
         # there, `git show 631d2d3:bond_data/logprobs.py > .whl/old_logprobs.py` first (carry [".whl"])
 """
@@ -36,21 +36,6 @@ def module_at(rev: str):
     return module
 
 
-def compiled_lse_variant():
-    """bond_data.logprobs with its forward's logsumexp compiled (one fused reduction kernel)."""
-    spec = importlib.util.spec_from_file_location("logprobs_lse", now.__file__)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    lse = torch.compile(lambda x: torch.logsumexp(x, -1), dynamic=True)
-
-    def forward_chunks(out, lse_out, hidden, targets, weight, bias, chunk, softcap):
-        for s in range(0, hidden.shape[0], chunk):
-            logits = module._chunk_logits(hidden[s : s + chunk], weight, bias, softcap)
-            lse_out[s : s + chunk] = lse(logits)
-            out[s : s + chunk] = logits.gather(-1, targets[s : s + chunk, None])[:, 0] - lse_out[s : s + chunk]
-
-    module._forward_chunks = forward_chunks
-    return module
 
 
 def main() -> None:
@@ -62,6 +47,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="CPU: 512 tokens, hidden 128")
+    ap.add_argument("--fused", action="store_true", help="on the CPU too: the compiled-logsumexp variant")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -72,13 +58,14 @@ def main() -> None:
     w = (torch.randn(args.vocab, hidden_size, generator=g) * 0.05).to(device).requires_grad_()
     y = torch.randint(0, args.vocab, (m,), generator=g).to(device)
     coef = torch.randn(m, generator=g).to(device)
-    variants = {"before": module_at(args.before), "now": now}
-    if cuda:
-        variants["now + compiled logsumexp"] = compiled_lse_variant()
+    variants = {"before": (module_at(args.before), {}), "now": (now, {})}
+    if cuda or args.fused:
+        variants["now, fused_lse (compile: true)"] = (now, {"fused_lse": True})
 
-    def run(mod):
+    def run(variant):
+        mod, kw = variant
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):  # the GPU policy: TF32 head
-            out = mod.chunked_token_logprobs(h, y, w, chunk=512)
+            out = mod.chunked_token_logprobs(h, y, w, chunk=512, **kw)
             grads = torch.autograd.grad((out * coef).sum(), (h, w))
         return out.detach(), grads
 
@@ -103,7 +90,7 @@ def main() -> None:
         out, grads = results[name]
         d_out = float((out - ref_out).abs().max())
         d_grad = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(grads, ref_grads))
-        print(f"{name:>26}: {min(ts) * 1e3:8.1f} ms, {m / min(ts):,.0f} tokens/s, {base / min(ts):.2f}x; against "
+        print(f"{name:>30}: {min(ts) * 1e3:8.1f} ms, {m / min(ts):,.0f} tokens/s, {base / min(ts):.2f}x; against "
               f"before: log p {d_out:.1e} nats, gradients {d_grad:.1e} of their largest entry")
 
 

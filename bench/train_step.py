@@ -122,7 +122,7 @@ def worker(args) -> None:
         if args.compile:
             for layer in policy.get_decoder().layers:
                 layer.compile(dynamic=True)
-        model = SequenceLogprobs(policy, args.chunk)
+        model = SequenceLogprobs(policy, args.chunk, fused_lse=args.compile)  # as trainer/train.py's _wrap
         if args.fsdp:  # FSDP2 over a one-process group: its bf16 MixedPrecisionPolicy and hooks, no peers
             import os
 

@@ -45,7 +45,7 @@ class TrainConfig(Config):
     pack_length: int | None = Field(None, ge=1, description="widest a packed row may be, in tokens; none: twice the micro-batch's longest row; the rows are balanced over bins for the least padding (wider rows waste less on padding but cost more attention with SDPA's dense mask)")
     logprob_chunk: int = Field(512, ge=1, description="completion tokens per LM-head chunk: the [chunk, vocab] logits are the only vocab-sized tensor, recomputed in the backward")
     attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] | None = Field(None, description="transformers attention kernel; none: transformers' default (SDPA where the architecture has it; Gemma-2 has not); flex_attention skips the masked blocks of packed rows (GPU; compiles), flash_attention_2 needs the flash-attn package")
-    compile: bool = Field(False, description="torch.compile each decoder layer (dynamic shapes; first steps are slow; 1.28x on a 0.5B Qwen2 step on an H200)")
+    compile: bool = Field(False, description="torch.compile each decoder layer and the LM head's logsumexp (dynamic shapes; first steps are slow; 1.28x on a 0.5B Qwen2 step on an H200)")
     activation_checkpointing: bool = Field(False, description="recompute each decoder layer in the backward: less memory, about a third more compute")
     fsdp: bool = Field(False, description="shard policy, anchor, gradients and optimizer state over the processes with FSDP2 (under torchrun); sharded checkpoints")
     anchor_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the EMA anchor copy (eta > 0); bfloat16 halves it, but an EMA step below bf16's resolution (eta under ~1/256 of a weight's change) is lost")

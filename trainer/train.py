@@ -135,7 +135,7 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
 
 def _wrap(policy, cfg: TrainConfig, device: torch.device, world: int) -> torch.nn.Module:
     """The policy as a SequenceLogprobs module (chunked LM head), with activation checkpointing and
-    torch.compile per decoder layer if asked, sharded (FSDP2) or replicated (DDP) over processes."""
+    torch.compile per decoder layer (and the head's logsumexp) if asked, sharded (FSDP2) or replicated (DDP) over processes."""
     if cfg.activation_checkpointing:  # transformers >= 5.24 renamed gradient_checkpointing_enable
         enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
         enable({"use_reentrant": False})
@@ -143,7 +143,7 @@ def _wrap(policy, cfg: TrainConfig, device: torch.device, world: int) -> torch.n
     if cfg.compile:
         for layer in layers:
             layer.compile(dynamic=True)
-    model = SequenceLogprobs(policy, cfg.logprob_chunk)
+    model = SequenceLogprobs(policy, cfg.logprob_chunk, fused_lse=cfg.compile)  # the head's logsumexp compiled too
     if cfg.fsdp:
         return fsdp.shard(model, layers, device)
     return torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model

@@ -105,6 +105,23 @@ def test_chunked_token_logprobs_and_gradients_match_log_softmax_with_bias_and_so
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_the_compiled_logsumexp_gives_the_same_logprobs_and_gradients():
+    """fused_lse (the trainer's compile: true): the forward's logsumexp compiled, against eager, chunks
+    of uneven size included (13 rows in chunks of 4), with and without soft-capping."""
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(13, 8, generator=g), torch.randn(50, 8, generator=g)
+    targets, coef = torch.randint(0, 50, (13,), generator=g), torch.randn(13, generator=g)
+    for softcap in (None, 3.0):
+        got = []
+        for fused in (False, True):
+            leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+            logp = chunked_token_logprobs(*leaves[:1], targets, leaves[1], chunk=4, softcap=softcap, fused_lse=fused)
+            got.append((logp.detach(), torch.autograd.grad((logp * coef).sum(), leaves)))
+        torch.testing.assert_close(got[1][0], got[0][0], rtol=0, atol=1e-5)
+        for a, b in zip(got[1][1], got[0][1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_a_frozen_head_gets_no_gradient_and_the_rest_the_same():
     """LoRA-style: the LM head frozen, the hidden states still get their exact gradient."""
     g = torch.Generator().manual_seed(2)
