@@ -4,8 +4,8 @@ forward logsumexp compiled (`fused_lse`, what the trainer runs with `compile: tr
 interleaved, best of `--repeats`; the log-probs and gradients must agree.
 
     python bench/head.py --quick [--fused]                        # CPU, small
-    python bench/head.py --device cuda --before .whl/old_logprobs.py   # a GPU machine has no .git:
-        # there, `git show 631d2d3:bond_data/logprobs.py > .whl/old_logprobs.py` first (carry [".whl"])
+    python bench/head.py --device cuda --before .whl/old_logprobs.py   # on a lent GPU machine (no .git
+        # there): here first `git show 631d2d3:bond_data/logprobs.py > .whl/old_logprobs.py`, carry [".whl"]
 """
 
 from __future__ import annotations
