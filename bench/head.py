@@ -11,31 +11,16 @@ interleaved, best of `--repeats`; the log-probs and gradients must agree.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from at_commit import module_at  # bench/, beside this script
+
 import bond_data.logprobs as now
-
-
-def module_at(rev: str):
-    source = Path(rev).read_text() if Path(rev).is_file() else subprocess.run(
-        ["git", "show", f"{rev}:bond_data/logprobs.py"], capture_output=True, text=True, check=True,
-        cwd=Path(__file__).parent).stdout
-    path = Path(tempfile.mkdtemp()) / "logprobs_before.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("logprobs_before", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 
 
 def main() -> None:
@@ -58,7 +43,7 @@ def main() -> None:
     w = (torch.randn(args.vocab, hidden_size, generator=g) * 0.05).to(device).requires_grad_()
     y = torch.randint(0, args.vocab, (m,), generator=g).to(device)
     coef = torch.randn(m, generator=g).to(device)
-    variants = {"before": (module_at(args.before), {}), "now": (now, {})}
+    variants = {"before": (module_at(args.before, "bond_data/logprobs.py"), {}), "now": (now, {})}
     if cuda or args.fused:
         variants["now, fused_lse (compile: true)"] = (now, {"fused_lse": True})
 

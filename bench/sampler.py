@@ -10,30 +10,13 @@ log-probs (they must: the noise is a pure function of seed, step and token).
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import torch
+from at_commit import module_at  # bench/, beside this script
 
 from bond_data.backends import hf as current
 from bond_data.backends.base import Sampling
-
-
-def module_at(rev: str):
-    """bond_data/backends/hf.py as it was at `rev` (or in the file `rev`, where git is not at hand: a
-    lent GPU machine gets the working tree without .git), imported under another name."""
-    source = Path(rev).read_text() if Path(rev).is_file() else subprocess.run(
-        ["git", "show", f"{rev}:bond_data/backends/hf.py"], capture_output=True, text=True, check=True,
-        cwd=Path(__file__).parent).stdout
-    path = Path(tempfile.mkdtemp()) / "hf_before.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("hf_before", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run(module, logits: torch.Tensor, steps: int, sampling: Sampling):
@@ -65,7 +48,7 @@ def main() -> None:
     torch.manual_seed(0)
     logits = torch.randn(args.rows, args.vocab, device=args.device)
     sampling = Sampling(temperature=args.temperature, max_new_tokens=args.steps)
-    before = module_at(args.before)
+    before = module_at(args.before, "bond_data/backends/hf.py")
     times = {"before": [], "after": []}
     for _ in range(3):  # interleaved, best of 3: the machine is shared
         t_before, out_before = run(before, logits, args.steps, sampling)
