@@ -64,7 +64,7 @@ def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def balanced_bins(lengths: list[int], capacity: int, extra_bins: int = 2) -> list[list[int]]:
-    """Indices of `lengths` grouped into bins of at most `capacity` (a longer item alone) so that the
+    """Indices of `lengths` grouped into bins of at most `capacity` (or the longest item, if longer) so that the
     packed rows, all as wide as the fullest bin, carry the least padding: for each bin count P from
     the fewest first-fit decreasing needs at `capacity` to `extra_bins` more, binary-search the
     narrowest width into which first-fit decreasing still fits P bins (MULTIFIT), and keep the layout
@@ -72,11 +72,12 @@ def balanced_bins(lengths: list[int], capacity: int, extra_bins: int = 2) -> lis
     def padded(bins):
         return len(bins) * max(sum(lengths[i] for i in b) for b in bins)
 
-    best = pack_bins(lengths, capacity)
     longest, total = max(lengths), sum(lengths)
+    capacity = max(capacity, longest)
+    best = pack_bins(lengths, capacity)  # fits len(best) <= p bins at width `capacity`: the search's upper end
     for p in range(len(best), min(len(lengths), len(best) + extra_bins) + 1):
-        lo, hi = max(longest, -(-total // p)), max(longest, capacity)
-        if lo > hi or len(pack_bins(lengths, hi)) > p:
+        lo, hi = max(longest, -(-total // p)), capacity
+        if lo > hi:
             continue
         while lo < hi:  # the narrowest width first-fit decreasing packs into p bins
             mid = (lo + hi) // 2
