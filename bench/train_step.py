@@ -6,7 +6,9 @@
 - `after`: `trainer.train.train_step`: packed rows, the LM head only at completion positions, in
   checkpointed chunks (`bond_data/logprobs.py`); optionally torch.compile / activation checkpointing;
   `liger` (CUDA, measured only: `pip install liger-kernel`, not a dependency) swaps Qwen2's RMSNorm,
-  RoPE and SwiGLU for Liger's Triton kernels.
+  RoPE and SwiGLU for Liger's Triton kernels; `varlen` attends through bond_data/attention.py
+  (`attn_implementation: varlen`: torch's variable-length flash kernel on CUDA, each micro-batch in
+  one row without padding; on the CPU the same math row by row).
 
 Each variant runs in its own child process, so its peak memory is its own: on CUDA
 `torch.cuda.max_memory_allocated`, on the CPU the rise of the peak RSS over the RSS before the
@@ -41,7 +43,8 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # 
 VARIANTS = {"before": ("before", ()), "after": ("after", ()), "compile": ("after", ("--compile",)),
             "checkpointing": ("after", ("--checkpointing",)), "fsdp": ("after", ("--fsdp",)),
             "strict-head": ("after", ("--strict-head",)), "liger": ("after", ("--liger",)),
-            "liger-compile": ("after", ("--liger", "--compile"))}
+            "liger-compile": ("after", ("--liger", "--compile")), "varlen": ("after", ("--varlen",)),
+            "varlen-compile": ("after", ("--varlen", "--compile"))}
 SIZES = {  # model shape, rows per micro-batch, micro-batches per step, completion lengths, prompt lengths
     "cpu-quick": dict(hidden=128, inter=384, layers=2, rows=8, micro=1, completion=(32, 160), prompt=(16, 32), steps=2),
     "cpu": dict(hidden=256, inter=704, layers=4, rows=8, micro=1, completion=(128, 384), prompt=(32, 64), steps=3),
@@ -108,6 +111,10 @@ def worker(args) -> None:
                                     fused_linear_cross_entropy=False)
     size = SIZES[args.size]
     policy = build_model(size, device, args.attn)
+    if args.varlen:  # attn_implementation: varlen (bond_data/attention.py): a micro-batch in one row, no mask
+        from bond_data import attention
+
+        policy.set_attn_implementation(attention.register())
     rows = build_rows(size)
     micro = [rows[i : i + size["rows"]] for i in range(0, len(rows), size["rows"])]
     if args.variant == "before":
@@ -210,6 +217,7 @@ def main() -> None:
                     help="after the timed steps, profile one more and print its top ROWS ops by device time")
     ap.add_argument("--strict-head", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--liger", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--varlen", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         args.variant = args.worker

@@ -22,6 +22,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from bond_data import attention
 from bond_data import precision as precision_policy
 from bond_data.packing import Batch, collate_packed, collate_padded
 
@@ -167,9 +168,20 @@ class SequenceLogprobs(torch.nn.Module):
         self.chunk = chunk
         self.fused_lse = fused_lse  # the head's logsumexp compiled (the trainer's `compile: true`)
 
-    def forward(self, input_ids, attention_mask, position_ids, index, targets, row, n_rows: int) -> torch.Tensor:
-        out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                    use_cache=False)
+    @property
+    def varlen(self) -> bool:
+        """The model attends through bond_data/attention.py (`attn_implementation: varlen`): packed rows
+        then cost their own length, so a micro-batch is best packed into one row."""
+        return attention.is_varlen(self.lm)
+
+    def forward(self, input_ids, attention_mask, position_ids, index, targets, row, n_rows: int,
+                cu_seqlens=None, longest: int = 0) -> torch.Tensor:
+        rows = {}
+        if cu_seqlens is not None and self.varlen:  # each packed row attends within itself, no mask built
+            rows = dict(cu_seq_lens_q=cu_seqlens, max_length_q=longest)
+        with attention.rows_in_kwargs() if rows else contextlib.nullcontext():
+            out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                        use_cache=False, **rows)
         hidden = out.last_hidden_state.flatten(0, 1)[index]  # [M, H]: only positions predicting completions
         head = self.lm.get_output_embeddings()
         if type(head) is not torch.nn.Linear:  # e.g. LoRA on lm_head: its delta would be skipped
@@ -186,7 +198,8 @@ def batch_logprobs(model: SequenceLogprobs, batch: Batch, device: torch.device, 
     the body under a bond_data.precision policy (auto: by device), the head in fp32."""
     b = batch.to(device)
     with precision_policy.autocast(precision_policy.resolve(precision, device), device):
-        return model(b.input_ids, b.attention_mask, b.position_ids, b.index, b.targets, b.row, b.n_rows)
+        return model(b.input_ids, b.attention_mask, b.position_ids, b.index, b.targets, b.row, b.n_rows, b.cu_seqlens,
+                     b.longest)
 
 
 def completion_logprobs(model, rows: list[dict], device: torch.device, precision: str = "auto",
@@ -195,7 +208,8 @@ def completion_logprobs(model, rows: list[dict], device: torch.device, precision
     unless called under no_grad / inference_mode), under a bond_data.precision policy (auto: by
     device); rows packed (or, `packed=False`, one right-padded row each), the head chunked and in fp32."""
     wrapped = model if isinstance(model, SequenceLogprobs) else SequenceLogprobs(model, chunk)
-    return batch_logprobs(wrapped, collate_packed(rows) if packed else collate_padded(rows), device, precision)
+    batch = collate_packed(rows, one_row=wrapped.varlen) if packed else collate_padded(rows)
+    return batch_logprobs(wrapped, batch, device, precision)
 
 
 def full_logits_logprobs(model, rows: list[dict], device: torch.device, precision: str = "auto") -> torch.Tensor:

@@ -35,6 +35,8 @@ class Batch:
     row: torch.Tensor  # [M] which input row (0..n_rows-1) it belongs to
     n_rows: int
     tokens: int  # real tokens fed (prompt + completion of every row)
+    cu_seqlens: torch.Tensor | None = None  # [S + 1] int32 row starts over the flat [P * L] positions; packed only
+    longest: int = 0  # the longest of those rows (bond_data/attention.py's variable-length kernel takes both)
 
     @property
     def padding_fraction(self) -> float:
@@ -44,7 +46,7 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)
         return Batch(move(self.input_ids), move(self.attention_mask), move(self.position_ids), move(self.index),
-                     move(self.targets), move(self.row), self.n_rows, self.tokens)
+                     move(self.targets), move(self.row), self.n_rows, self.tokens, move(self.cu_seqlens), self.longest)
 
 
 def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -99,12 +101,15 @@ def _completion_targets(rows: list[dict], starts: list[int]) -> tuple[list[int],
     return index, targets, row
 
 
-def collate_packed(rows: list[dict], capacity: int | None = None) -> Batch:
+def collate_packed(rows: list[dict], capacity: int | None = None, one_row: bool = False) -> Batch:
     """Pack rows into bins of at most `capacity` tokens (default: twice the longest row) on the CPU,
-    balanced to leave the least padding (`balanced_bins`); the packed rows are as wide as the fullest bin."""
+    balanced to leave the least padding (`balanced_bins`); the packed rows are as wide as the fullest bin.
+    `one_row`: every row in one bin, no padding (for variable-length attention, whose cost does not
+    grow with the bin's width: bond_data/attention.py)."""
     seqs = [r["prompt"] + r["completion"] for r in rows]
     longest = max(map(len, seqs))
-    bins = balanced_bins([len(s) for s in seqs], max(longest, capacity or 2 * longest))
+    bins = [list(range(len(seqs)))] if one_row else \
+        balanced_bins([len(s) for s in seqs], max(longest, capacity or 2 * longest))
     width = max(sum(len(seqs[i]) for i in b) for b in bins)  # the fullest bin, at most the capacity
     input_ids = torch.zeros(len(bins), width, dtype=torch.long)
     position_ids = torch.zeros(len(bins), width, dtype=torch.long)
@@ -119,8 +124,18 @@ def collate_packed(rows: list[dict], capacity: int | None = None) -> Batch:
             offset += n
         position_ids[p, offset:] = torch.arange(width - offset)  # the tail: a padding "row" of its own
     index, targets, row = _completion_targets(rows, starts)
+    cu_seqlens, widest = segments(position_ids)
     return Batch(input_ids, None, position_ids, torch.tensor(index), torch.tensor(targets), torch.tensor(row),
-                 len(rows), sum(map(len, seqs)))
+                 len(rows), sum(map(len, seqs)), cu_seqlens, widest)
+
+
+def segments(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(cu_seqlens int32 [S + 1], longest row) of packed [P, L] position ids: a row starts wherever its
+    position id is 0 (a bin's padding tail counts as a row of its own, as in transformers' SDPA mask)."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).reshape(-1)
+    cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+    return cu, int(cu.diff().max())
 
 
 def collate_padded(rows: list[dict]) -> Batch:

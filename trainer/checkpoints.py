@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from bond_data import attention
 from bond_data.device import resolve_device
 from bond_data.files import atomic_path, file_sha256, folder_sha256
 
@@ -56,6 +57,8 @@ def load_policy(folder, device: str | torch.device | None = None, attn_implement
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device) if not isinstance(device, torch.device) else device
+    if attn_implementation == "varlen":
+        attn_implementation = attention.register()  # the name transformers knows it by
     tokenizer = AutoTokenizer.from_pretrained(folder)
     policy = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                   attn_implementation=attn_implementation).to(device)

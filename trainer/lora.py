@@ -89,15 +89,16 @@ def add_adapters(model, spec: LoraSpec, seed: int):
         return get_peft_model(model, config)
 
 
-def load_lora_policy(anchor_dir: str, resume: Path | None, spec: LoraSpec, seed: int, device: torch.device):
-    """(policy with adapters, tokenizer): the base from the round's anchor, the adapters fresh or
-    from the resumable checkpoint `resume`."""
+def load_lora_policy(anchor_dir: str, resume: Path | None, spec: LoraSpec, seed: int, device: torch.device,
+                     attn_implementation: str | None = None):
+    """(policy with adapters, tokenizer): the base from the round's anchor (with that attention
+    kernel), the adapters fresh or from the resumable checkpoint `resume`."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     from trainer.checkpoints import load_policy
 
-    base, tokenizer = load_policy(anchor_dir, device)
+    base, tokenizer = load_policy(anchor_dir, device, attn_implementation)
     policy = add_adapters(base, spec, seed)
     if resume is not None:
         if not (Path(resume) / ADAPTER_FILE).is_file():

@@ -27,8 +27,9 @@ def train_step(model, micro_batches: list[list[dict]], beta: float, gamma: float
         model = SequenceLogprobs(model)
     totals = {"loss": 0.0, "forward": 0.0, "backward": 0.0, "anchor_kl": 0.0, "log_ratio": 0.0, "tokens": 0}
     fed = 0
+    one_row = pack_length is None and getattr(getattr(model, "module", model), "varlen", False)  # DDP keeps it in .module
     for i, rows in enumerate(micro_batches):
-        batch = collate_packed(rows, pack_length) if packing else collate_padded(rows)
+        batch = collate_packed(rows, pack_length, one_row) if packing else collate_padded(rows)
         weight = torch.tensor([r["weight"] for r in rows], device=device, dtype=torch.float32)  # forward term
         weight_pool = torch.tensor([r["weight_pool"] for r in rows], device=device, dtype=torch.float32)  # backward
         logp_anchor = torch.tensor([r["logp_anchor"] for r in rows], device=device, dtype=torch.float32)

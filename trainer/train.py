@@ -162,7 +162,8 @@ def _load_trainable(anchor_dir: str, resume: Path | None, cfg: TrainConfig, devi
     """(policy, tokenizer): the whole model from the last checkpoint or the anchor, or with --lora
     the anchor as a frozen base with adapters (trainer/lora.py)."""
     if cfg.lora is not None:
-        return lora.load_lora_policy(anchor_dir, resume, lora.parse_lora(cfg.lora), cfg.seed, device)
+        return lora.load_lora_policy(anchor_dir, resume, lora.parse_lora(cfg.lora), cfg.seed, device,
+                                     cfg.attn_implementation)
     if resume is not None and (resume / lora.ADAPTER_FILE).is_file():
         raise ValueError(f"{resume}: a LoRA checkpoint; resume it with the same --lora (or delete it)")
     return checkpoints.load_policy(resume or anchor_dir, device, cfg.attn_implementation)

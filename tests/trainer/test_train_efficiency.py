@@ -1,10 +1,12 @@
 """The trainer's efficiency options change speed and memory, not the result: packed rows (padding
-under 10%, printed) train to the same anchor as padded rows, as do activation checkpointing and
-torch.compile (per decoder layer, checked on log-probs and gradients)."""
+under 10%, printed) train to the same anchor as padded rows, as do activation checkpointing,
+variable-length attention (one row per micro-batch, no padding) and torch.compile (per decoder
+layer, checked on log-probs and gradients)."""
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +39,27 @@ def test_packing_and_activation_checkpointing_train_to_the_same_anchor(round0, t
     assert packed["padding"] == 0 < padded["padding"]
     assert packed["last_step"]["tokens"] == padded["last_step"]["tokens"]
     assert_same(packed_w, padded_w, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_varlen_attention_trains_to_the_same_anchor_in_one_row_per_micro_batch(round0, tmp_path):
+    """attn_implementation varlen (bond_data/attention.py; on this CPU its row-by-row path): no padding, the
+    anchor of packed SDPA, and a registered anchor that loads as a plain transformers model."""
+    from transformers import AutoModelForCausalLM
+
+    sdpa_root = tmp_path / "sdpa"
+    shutil.copytree(round0.root, sdpa_root)
+    one_row, one_row_w = trained(round0.root, attn_implementation="varlen")
+    packed, packed_w = trained(sdpa_root)
+    assert one_row["padding"] == 0 < packed["padding"]
+    assert one_row["last_step"]["tokens"] == packed["last_step"]["tokens"]
+    start = load_file(str(Path(round0.anchor(0)["anchor_path"]) / "model.safetensors"))
+    update = lambda w: torch.cat([(w[k] - start[k]).flatten() for k in sorted(start)])
+    # the same update up to float order (Adam magnifies it in near-zero gradients: 4e-5 at most, here)
+    assert float((update(one_row_w) - update(packed_w)).norm() / update(packed_w).norm()) < 1e-3  # 5e-5 here
+    assert_same(one_row_w, packed_w, atol=1e-4)
+    plain = AutoModelForCausalLM.from_pretrained(round0.root / "anchors" / "round=1")
+    assert plain.config._attn_implementation in ("sdpa", "eager")
 
 
 @pytest.mark.slow

@@ -1,0 +1,133 @@
+"""Variable-length attention (`attn_implementation: varlen`): packed rows give the log-probs and
+gradients of transformers' SDPA with its block-diagonal mask, in one row with no padding, a row never
+sees its neighbour, sliding windows are kept, everything that is not a packed batch (generation,
+padded rows) is SDPA unchanged, and the GPU kernel equals the row-by-row reference (`-m gpu`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM
+
+from bond_data import attention
+from bond_data.logprobs import SequenceLogprobs, batch_logprobs, completion_logprobs, full_logits_logprobs
+from bond_data.packing import collate_packed, segments
+from test_logprobs import grads, random_rows, tiny_lm
+
+CPU = torch.device("cpu")
+
+
+def varlen(model):
+    model.set_attn_implementation(attention.register())
+    return model
+
+
+def mistral(window: int):
+    torch.manual_seed(0)
+    return MistralForCausalLM(MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                            sliding_window=window, attn_implementation="sdpa")).float()
+
+
+def logprobs_and_grads(model, rows, **kw):
+    model.zero_grad(set_to_none=True)
+    logp = completion_logprobs(model, rows, CPU, chunk=7, **kw)
+    (logp * torch.linspace(-1, 2, len(rows))).sum().backward()  # mixed signs, as the Jeffreys loss
+    return logp.detach(), grads(model)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral-window"])
+def test_varlen_equals_sdpa_with_its_packed_mask_in_one_row(family):
+    """Qwen2 / Llama (grouped-query heads), and Mistral with a sliding window shorter than most rows
+    (so the window is what differs from plain causal attention)."""
+    model = mistral(window=5) if family == "mistral-window" else tiny_lm(family)
+    rows = random_rows(n=9)
+    want, want_grads = logprobs_and_grads(model, rows)  # SDPA, bins of twice the longest row
+    calls = []
+    spy = attention._per_row
+    attention._per_row = lambda q, *a: calls.append(q.shape) or spy(q, *a)
+    try:
+        got, got_grads = logprobs_and_grads(varlen(model), rows)
+    finally:
+        attention._per_row = spy
+    assert calls and all(shape[0] == sum(len(r["prompt"]) + len(r["completion"]) for r in rows) for shape in calls)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert got_grads.keys() == want_grads.keys()
+    for k in want_grads:
+        torch.testing.assert_close(got_grads[k], want_grads[k], rtol=1e-4, atol=1e-6)
+    if family == "mistral-window":  # the reference: one row at a time, SDPA with transformers' sliding mask
+        torch.testing.assert_close(got, full_logits_logprobs(mistral(window=5), rows, CPU), rtol=0, atol=1e-5)
+
+
+def test_a_row_never_attends_to_its_neighbour_and_padding_tails_are_rows_of_their_own():
+    a, b = {"prompt": [5, 6, 7], "completion": [8, 9]}, {"prompt": [10, 11], "completion": [12, 13, 14]}
+    a2 = {"prompt": [50, 60, 70], "completion": [80, 90]}
+    model = SequenceLogprobs(varlen(tiny_lm()))
+    with torch.no_grad():
+        lp, lp2 = (batch_logprobs(model, collate_packed(rows, one_row=True), CPU) for rows in ([a, b], [a2, b]))
+    assert lp[1] == pytest.approx(float(lp2[1]), abs=1e-6) and abs(float(lp[0] - lp2[0])) > 1e-3
+    c = {"prompt": [1], "completion": [2, 3]}
+    binned = collate_packed([a, b, c], capacity=7)  # 5 + 5 + 3 tokens in bins of at most 7: one bin has a tail
+    assert binned.input_ids.numel() > binned.tokens
+    cu, longest = segments(binned.position_ids)
+    starts = (binned.position_ids.reshape(-1) == 0).nonzero().reshape(-1).tolist()
+    assert cu.tolist() == starts + [binned.input_ids.numel()] and len(starts) == 4 and cu.dtype == torch.int32
+    assert longest == 5 == binned.longest and torch.equal(binned.cu_seqlens, cu)
+
+
+def test_the_trainer_packs_a_micro_batch_into_one_row_without_padding():
+    from trainer.step import train_step
+
+    rows = [{**r, "weight": 1.0, "weight_pool": 1.0, "logp_anchor": -30.0} for r in random_rows(n=8)]
+    sdpa = train_step(tiny_lm(), [rows], 0.5, 0.05, len(rows), 1, CPU)
+    one = train_step(varlen(tiny_lm()), [rows], 0.5, 0.05, len(rows), 1, CPU)
+    assert one["padding"] == 0 < sdpa["padding"] and one["positions"] == one["tokens"] == sdpa["tokens"]
+    assert one["loss"] == pytest.approx(sdpa["loss"], abs=1e-5)
+
+
+def test_generation_and_padded_batches_are_sdpa_unchanged():
+    model = tiny_lm("qwen2")
+    ids = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    want = model.generate(**kw)
+    with torch.no_grad():
+        want_logits = model(input_ids=ids, attention_mask=mask).logits
+    varlen(model)
+    assert torch.equal(model.generate(**kw), want)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, want_logits, rtol=0, atol=0)
+    rows = random_rows(n=5)
+    torch.testing.assert_close(completion_logprobs(model, rows, CPU, packed=False),
+                               completion_logprobs(tiny_lm("qwen2"), rows, CPU, packed=False), rtol=0, atol=0)
+
+
+def test_attention_soft_capping_is_refused_with_a_clear_error():
+    torch.manual_seed(0)
+    gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                           attn_implementation="eager"))
+    with pytest.raises(ValueError, match="soft-capping .* not supported; use sdpa or eager"):
+        completion_logprobs(varlen(gemma), random_rows(n=2), CPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("window", [None, 6])
+def test_the_flash_kernel_equals_the_row_by_row_reference_on_a_gpu(window):
+    """torch's varlen flash kernel (bf16) against SDPA one row at a time on the same bf16 inputs in
+    fp32: outputs and input gradients, grouped-query heads, a non-default scale, with and without a window."""
+    attention.register()  # finds the kernel
+    g = torch.Generator("cuda").manual_seed(0)
+    cu = torch.tensor([0, 7, 20, 21, 40], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(40, h, 64, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for h in (8, 2, 2))
+    out = attention._flash_varlen(q, k, v, cu, 19, 0.1, window, 0.0)
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = attention._per_row(*ref_in, cu.cpu(), 0.1, window, 0.0)
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=2e-2)
+    grad = torch.randn(out.shape, generator=g, device="cuda")
+    out.backward(grad.bfloat16())
+    ref.backward(grad)
+    for t, r in zip((q, k, v), ref_in):
+        torch.testing.assert_close(t.grad.float(), r.grad, rtol=0, atol=5e-2)
