@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Every GPU figure of the README in one run on a lent GPU machine. Each part has its own time limit,
-# so a slow one cannot starve the others; the most wanted figures come first:
-#   1. the training step (bench/train_step.py): before / after issue 12, the head in IEEE fp32;
-#   2. rho at initialisation on the GPU (bench/gpu_precision.py): generator log A vs trainer log pi;
-#   3. decoding paths vs plain batched generate and the bandwidth limit (bench/gpu_generate.py);
-#   4. the GPU test of the decoding paths (pytest -m gpu: static-compiled samples what dynamic does);
-#   5. the step with activation checkpointing, FSDP2 over NCCL (one process), torch.compile, Liger's
-#      kernels (liger-kernel, carried in .whl/ like the rest), and flex_attention with compile.
-# About 9-10 minutes (a 600 s call: run it alone; the last part, the most expendable, may be cut).
+# Every GPU figure of the README in one run on a lent GPU machine, those never measured first. Each
+# part has its own time limit, so a slow one cannot starve the others:
+#   1. the training step with attn_implementation varlen (bench/train_step.py): after vs compile vs
+#      varlen, varlen + compile, and that in one micro-batch (the MFU figures, never measured);
+#   2. the GPU tests: torch's varlen kernel against the row-by-row reference, static-compiled
+#      decoding against dynamic (pytest -m gpu);
+#   3. rho at initialisation with the trainer on varlen (bench/gpu_precision.py --trainer-attn varlen);
+#   4. the LM head alone (bench/head.py), and a profile of the varlen + compile step;
+#   then what earlier runs measured (bench/gpu/): before / after issue 12 and the head in IEEE fp32,
+#   rho under each policy, decoding paths vs plain generate and the bandwidth limit, activation
+#   checkpointing, FSDP2 (one process, NCCL), Liger, flex_attention with compile.
+# A 600 s call ends in the second group; what it cuts was measured before.
 # Everything printed also lands in $OUT/gpu.txt (the tool's output folder; /tmp
 # elsewhere). bench/gpu/ keeps the logs of past runs.
 #
@@ -25,11 +28,17 @@ part() { local limit=$1; shift; echo "== $* (limit ${limit} s)"; local t=$SECOND
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
   $py -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
-  part 140 $py bench/train_step.py --device cuda --variants before,after,strict-head
+  part 330 $py bench/train_step.py --device cuda --variants after,compile,varlen,varlen-compile,varlen-compile-1mb
+  part 100 $py -m pytest -q -p no:cacheprovider -m gpu tests/bond_data/test_attention.py \
+    tests/bond_data/backends/test_hf_decoding.py
+  part 70 $py bench/gpu_precision.py --shapes tiny,qwen2-0.5b --prompts 32 --k 4 --new-tokens 128 \
+    --trainer-attn varlen --cases bf16-autocast:tf32:packed,fp32:strict:packed
+  part 45 $py bench/head.py --device cuda --before .whl/old_logprobs.py
+  part 100 $py bench/train_step.py --device cuda --variants varlen-compile --profile 25
+  part 140 $py bench/train_step.py --device cuda --variants before,strict-head
   part 70 $py bench/gpu_precision.py --shapes tiny,qwen2-0.5b --prompts 32 --k 4 --new-tokens 128 \
     --cases bf16-autocast:tf32:packed,bf16-autocast:tf32:padded,fp32:strict:packed
   part 140 $py bench/gpu_generate.py --shape qwen2-0.5b --prompts 32 --k 8 --new-tokens 128 --batch-size 256
-  part 90 $py -m pytest -q -p no:cacheprovider -m gpu tests/bond_data/backends/test_hf_decoding.py
-  part 150 $py bench/train_step.py --device cuda --variants checkpointing,fsdp,compile,liger
+  part 150 $py bench/train_step.py --device cuda --variants checkpointing,fsdp,liger
   part 120 $py bench/train_step.py --device cuda --attn flex_attention --variants compile
 } 2>&1 | grep --line-buffered -v "Loading weights\|Writing model shards" | tee "$out/gpu.txt"

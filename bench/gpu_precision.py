@@ -49,6 +49,22 @@ def micro_batches(rows: list[dict], size: int):
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
+@contextlib.contextmanager
+def trainer_attention(model, attn: str):
+    """The model attending as the trainer would with `attn_implementation: varlen`, restored after."""
+    if attn == "same":
+        yield
+        return
+    from bond_data import attention
+
+    old = model.config._attn_implementation
+    model.set_attn_implementation(attention.register())
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(old)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
@@ -58,6 +74,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--micro-batch", type=int, default=16, help="the trainer's rows per micro-batch")
+    ap.add_argument("--trainer-attn", choices=["same", "varlen"], default="same",
+                    help="the trainer's attention for its log pi: the generator's (same) or attn_implementation "
+                    "varlen (bond_data/attention.py: each micro-batch in one row, torch's varlen kernel)")
     ap.add_argument("--cases", default="fp32:strict:padded,fp32:tf32:padded,bf16-autocast:strict:padded,"
                     "bf16-autocast:strict:packed,bf16-autocast:tf32:packed",
                     help="policy:head matmul:generator's log A layout, comma-separated")
@@ -84,16 +103,17 @@ def main() -> None:
                 out = backend.generate(jobs, Sampling(max_new_tokens=args.new_tokens, precision=policy))
                 rows = [{"prompt": backend.render(job), "completion": c.token_ids, "A": c.anchor_logprob}
                         for job, cs in zip(jobs, out) for c in cs]
-                with torch.no_grad():
+                with torch.no_grad(), trainer_attention(backend.model, args.trainer_attn):
                     trainer_lp = torch.cat([completion_logprobs(backend.model, m, device, policy)
-                                        for m in micro_batches(rows, args.micro_batch)]).double().cpu()
+                                            for m in micro_batches(rows, args.micro_batch)]).double().cpu()
                     full = torch.cat([full_logits_logprobs(backend.model, m, device, policy)
                                       for m in micro_batches(rows, args.micro_batch)]).double().cpu()
             anchor = torch.tensor([r["A"] for r in rows], dtype=torch.float64)
             length = sum(len(r["completion"]) for r in rows) / len(rows)
             d_packed, d_full = (anchor - trainer_lp).abs(), (anchor - full).abs()
             layout = "packed" if packed else "padded"
-            print(f"{shape:>11} {policy:>13} head {head:>6} log A {layout}: trainer (packed, chunked) max {d_packed.max():.2e} "
+            trainer = "packed, chunked" + (", varlen" if args.trainer_attn == "varlen" else "")
+            print(f"{shape:>11} {policy:>13} head {head:>6} log A {layout}: trainer ({trainer}) max {d_packed.max():.2e} "
                   f"mean {d_packed.mean():.2e}; full-logits max {d_full.max():.2e} mean {d_full.mean():.2e} "
                   f"nats; mean log A {anchor.mean():.2f} over {length:.0f} tokens ({time.perf_counter() - t:.1f} s)")
         del backend

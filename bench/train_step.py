@@ -8,7 +8,8 @@
   `liger` (CUDA, measured only: `pip install liger-kernel`, not a dependency) swaps Qwen2's RMSNorm,
   RoPE and SwiGLU for Liger's Triton kernels; `varlen` attends through bond_data/attention.py
   (`attn_implementation: varlen`: torch's variable-length flash kernel on CUDA, each micro-batch in
-  one row without padding; on the CPU the same math row by row).
+  one row without padding; on the CPU the same math row by row); `-1mb`: the step's rows in one
+  micro-batch instead of two (same rows, same loss; half the per-micro-batch overhead).
 
 Each variant runs in its own child process, so its peak memory is its own: on CUDA
 `torch.cuda.max_memory_allocated`, on the CPU the rise of the peak RSS over the RSS before the
@@ -44,7 +45,8 @@ VARIANTS = {"before": ("before", ()), "after": ("after", ()), "compile": ("after
             "checkpointing": ("after", ("--checkpointing",)), "fsdp": ("after", ("--fsdp",)),
             "strict-head": ("after", ("--strict-head",)), "liger": ("after", ("--liger",)),
             "liger-compile": ("after", ("--liger", "--compile")), "varlen": ("after", ("--varlen",)),
-            "varlen-compile": ("after", ("--varlen", "--compile"))}
+            "varlen-compile": ("after", ("--varlen", "--compile")),
+            "varlen-compile-1mb": ("after", ("--varlen", "--compile", "--one-micro-batch"))}
 SIZES = {  # model shape, rows per micro-batch, micro-batches per step, completion lengths, prompt lengths
     "cpu-quick": dict(hidden=128, inter=384, layers=2, rows=8, micro=1, completion=(32, 160), prompt=(16, 32), steps=2),
     "cpu": dict(hidden=256, inter=704, layers=4, rows=8, micro=1, completion=(128, 384), prompt=(32, 64), steps=3),
@@ -110,6 +112,8 @@ def worker(args) -> None:
         apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
     size = SIZES[args.size]
+    if args.one_micro_batch:  # the step's rows in one micro-batch: fewer, larger kernels (the same rows and loss)
+        size = {**size, "rows": size["rows"] * size["micro"], "micro": 1}
     policy = build_model(size, device, args.attn)
     if args.varlen:  # attn_implementation: varlen (bond_data/attention.py): a micro-batch in one row, no mask
         from bond_data import attention
@@ -218,6 +222,7 @@ def main() -> None:
     ap.add_argument("--strict-head", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--liger", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--varlen", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--one-micro-batch", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         args.variant = args.worker
