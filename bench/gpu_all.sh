@@ -2,11 +2,13 @@
 # Every GPU figure of the README in one run on a lent GPU machine, those never measured first. Each
 # part has its own time limit, so a slow one cannot starve the others:
 #   1. the training step with attn_implementation varlen (bench/train_step.py): after vs compile vs
-#      varlen, varlen + compile, and that in one micro-batch (the MFU figures, never measured);
+#      varlen, varlen + compile, that in one micro-batch, and with the head's backward in bf16 (the
+#      MFU figures, never measured);
 #   2. the GPU tests: torch's varlen kernel against the row-by-row reference, static-compiled
 #      decoding against dynamic (pytest -m gpu);
 #   3. rho at initialisation with the trainer on varlen (bench/gpu_precision.py --trainer-attn varlen);
-#   4. the LM head alone (bench/head.py), and a profile of the varlen + compile step;
+#   4. the LM head alone (bench/head.py: before, now, fused logsumexp, bf16 backward), and a profile
+#      of the varlen + compile step;
 #   then what earlier runs measured (bench/gpu/): before / after issue 12 and the head in IEEE fp32,
 #   rho under each policy, decoding paths vs plain generate and the bandwidth limit, activation
 #   checkpointing, FSDP2 (one process, NCCL), Liger, flex_attention with compile.
@@ -28,7 +30,7 @@ part() { local limit=$1; shift; echo "== $* (limit ${limit} s)"; local t=$SECOND
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
   $py -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
-  part 330 $py bench/train_step.py --device cuda --variants after,compile,varlen,varlen-compile,varlen-compile-1mb
+  part 380 $py bench/train_step.py --device cuda --variants after,compile,varlen,varlen-compile,varlen-compile-1mb,varlen-compile-bf16bwd
   part 100 $py -m pytest -q -p no:cacheprovider -m gpu tests/bond_data/test_attention.py \
     tests/bond_data/backends/test_hf_decoding.py
   part 70 $py bench/gpu_precision.py --shapes tiny,qwen2-0.5b --prompts 32 --k 4 --new-tokens 128 \

@@ -1,9 +1,10 @@
 """The chunked LM head alone (bond_data/logprobs.py), forward + backward: this commit against an
 earlier one (default 631d2d3: the backward with max / sum / divide passes), and this one with its
-forward logsumexp compiled (`fused_lse`, what the trainer runs with `compile: true`). Same inputs,
-interleaved, best of `--repeats`; the log-probs and gradients must agree.
+forward logsumexp compiled (`fused_lse`, what the trainer runs with `compile: true`), and that with
+the backward's matmuls on bf16 inputs (`bf16_backward`, the trainer's `head_backward: bf16`). Same
+inputs, interleaved, best of `--repeats`; the log-probs must agree, the gradients to bf16 rounding.
 
-    python bench/head.py --quick [--fused]                        # CPU, small
+    python bench/head.py --quick [--fused] [--bf16-backward]      # CPU, small
     python bench/head.py --device cuda --before .whl/old_logprobs.py   # on a lent GPU machine (no .git
         # there): here first `git show 631d2d3:bond_data/logprobs.py > .whl/old_logprobs.py`, carry [".whl"]
 """
@@ -33,6 +34,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="CPU: 512 tokens, hidden 128")
     ap.add_argument("--fused", action="store_true", help="on the CPU too: the compiled-logsumexp variant")
+    ap.add_argument("--bf16-backward", action="store_true",
+                    help="on the CPU too: every variant under bf16 autocast, and the head's backward in bf16")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -46,10 +49,12 @@ def main() -> None:
     variants = {"before": (module_at(args.before, "bond_data/logprobs.py"), {}), "now": (now, {})}
     if cuda or args.fused:
         variants["now, fused_lse (compile: true)"] = (now, {"fused_lse": True})
+    if cuda or args.bf16_backward:  # under bf16 autocast (on the CPU too, with the flag)
+        variants["fused_lse + bf16 backward"] = (now, {"fused_lse": cuda or args.fused, "bf16_backward": True})
 
     def run(variant):
         mod, kw = variant
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):  # the GPU policy: TF32 head
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda or args.bf16_backward):  # TF32 head on a GPU
             out = mod.chunked_token_logprobs(h, y, w, chunk=512, **kw)
             grads = torch.autograd.grad((out * coef).sum(), (h, w))
         return out.detach(), grads

@@ -9,7 +9,9 @@
   RoPE and SwiGLU for Liger's Triton kernels; `varlen` attends through bond_data/attention.py
   (`attn_implementation: varlen`: torch's variable-length flash kernel on CUDA, each micro-batch in
   one row without padding; on the CPU the same math row by row); `-1mb`: the step's rows in one
-  micro-batch instead of two (same rows, same loss; half the per-micro-batch overhead).
+  micro-batch instead of two (same rows, same loss; half the per-micro-batch overhead); `-bf16bwd`:
+  the LM head's backward matmuls on bf16 inputs (`head_backward: bf16`; the loss is the same, the
+  gradients differ by bf16 rounding).
 
 Each variant runs in its own child process, so its peak memory is its own: on CUDA
 `torch.cuda.max_memory_allocated`, on the CPU the rise of the peak RSS over the RSS before the
@@ -46,7 +48,8 @@ VARIANTS = {"before": ("before", ()), "after": ("after", ()), "compile": ("after
             "strict-head": ("after", ("--strict-head",)), "liger": ("after", ("--liger",)),
             "liger-compile": ("after", ("--liger", "--compile")), "varlen": ("after", ("--varlen",)),
             "varlen-compile": ("after", ("--varlen", "--compile")),
-            "varlen-compile-1mb": ("after", ("--varlen", "--compile", "--one-micro-batch"))}
+            "varlen-compile-1mb": ("after", ("--varlen", "--compile", "--one-micro-batch")),
+            "varlen-compile-bf16bwd": ("after", ("--varlen", "--compile", "--head-bf16-backward"))}
 SIZES = {  # model shape, rows per micro-batch, micro-batches per step, completion lengths, prompt lengths
     "cpu-quick": dict(hidden=128, inter=384, layers=2, rows=8, micro=1, completion=(32, 160), prompt=(16, 32), steps=2),
     "cpu": dict(hidden=256, inter=704, layers=4, rows=8, micro=1, completion=(128, 384), prompt=(32, 64), steps=3),
@@ -133,7 +136,8 @@ def worker(args) -> None:
         if args.compile:
             for layer in policy.get_decoder().layers:
                 layer.compile(dynamic=True)
-        model = SequenceLogprobs(policy, args.chunk, fused_lse=args.compile)  # as trainer/train.py's _wrap
+        model = SequenceLogprobs(policy, args.chunk, fused_lse=args.compile,  # as trainer/train.py's _wrap
+                                 bf16_backward=args.head_bf16_backward)
         if args.fsdp:  # FSDP2 over a one-process group: its bf16 MixedPrecisionPolicy and hooks, no peers
             import os
 
@@ -223,6 +227,7 @@ def main() -> None:
     ap.add_argument("--liger", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--varlen", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--one-micro-batch", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--head-bf16-backward", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         args.variant = args.worker

@@ -90,10 +90,12 @@ class _ChunkedLogprobs(torch.autograd.Function):
     128-token completion. The fp32 policy, and every CPU, keep IEEE fp32."""
 
     @staticmethod
-    def forward(ctx, hidden, targets, weight, bias, chunk, softcap, fused_lse):
+    def forward(ctx, hidden, targets, weight, bias, chunk, softcap, fused_lse, bf16_backward):
         out = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
         lse = torch.empty_like(out)
         ctx.tf32 = HEAD_TF32 and hidden.is_cuda and torch.is_autocast_enabled("cuda")
+        kind = hidden.device.type
+        ctx.bf16 = bf16_backward and torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16
         with torch.autocast(hidden.device.type, enabled=False), _head_matmuls(ctx.tf32):
             _forward_chunks(out, lse, hidden, targets, weight, bias, chunk, softcap, _logsumexp(fused_lse))
         ctx.save_for_backward(hidden, targets, weight, bias, lse)
@@ -114,15 +116,23 @@ def _forward_chunks(out, lse, hidden, targets, weight, bias, chunk, softcap, log
 
 
 def _backward_chunks(ctx, grad_out):
+    """The chunks' gradients; with `ctx.bf16` (`bf16_backward` under bf16 autocast) the three matmuls
+    per chunk (recomputed logits, d h, d W) take bf16 inputs, as autocast runs every other layer's
+    backward, while the softmax, lse and every accumulation stay fp32."""
     hidden, targets, weight, bias, lse = ctx.saved_tensors
     need_h, _, need_w, need_b = ctx.needs_input_grad[:4]  # a frozen head (LoRA) gets no [V, H] buffer
     grad_hidden = torch.empty_like(hidden) if need_h else None
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
     grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
     w = weight.float()
+    low = torch.bfloat16 if ctx.bf16 else None  # the matmuls' input dtype (None: fp32, as the forward)
+    w_mm = w if low is None else weight.to(low)
+    mm = (lambda a, b: a @ b) if low is None else (lambda a, b: (a.to(low) @ b.to(low)).float())
     for s in range(0, hidden.shape[0], ctx.chunk):
         h, y, g = hidden[s : s + ctx.chunk].float(), targets[s : s + ctx.chunk], grad_out[s : s + ctx.chunk, None]
-        raw = F.linear(h, w, None if bias is None else bias.float())  # [c, V]
+        raw = mm(h, w_mm.T)  # [c, V] fp32 (from bf16 inputs with ctx.bf16)
+        if bias is not None:
+            raw.add_(bias.float())
         if ctx.softcap:  # through cap * tanh(z / cap): d = (onehot - softmax) * (1 - tanh^2), times g
             squash = torch.tanh(raw / ctx.softcap)
             d = (squash * ctx.softcap).sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-g)
@@ -131,42 +141,56 @@ def _backward_chunks(ctx, grad_out):
         else:  # softmax in place; the one-hot part through rows of W and h
             d = raw.sub_(lse[s : s + ctx.chunk, None]).exp_()
             gh = g * h  # [c, H]
-        if need_h:  # accumulated into their buffers by addmm: no [V, H] temporary per chunk
-            d_h = d @ w if gh is None else torch.addmm(w[y], d, w, alpha=-1).mul_(g)  # [c, H]
+        d_mm = d if low is None else d.to(low)  # one [c, V] bf16 copy feeds both matmuls
+        if need_h:  # fp32: accumulated into their buffers by addmm, no [V, H] temporary per chunk
+            if gh is None:
+                d_h = mm(d_mm, w_mm)
+            elif low is None:
+                d_h = torch.addmm(w[y], d, w, alpha=-1).mul_(g)  # [c, H]
+            else:
+                d_h = w[y].sub_(mm(d_mm, w_mm)).mul_(g)
             grad_hidden[s : s + ctx.chunk] = d_h.to(hidden.dtype)
         if need_w:
-            if gh is None:
-                grad_weight.addmm_(d.T, h)
+            if low is None:
+                if gh is None:
+                    grad_weight.addmm_(d.T, h)
+                else:
+                    grad_weight.addmm_(d.T, gh, alpha=-1).index_add_(0, y, gh)
+            elif gh is None:  # bf16: one [V, H] bf16 product per chunk, added into the fp32 buffer
+                grad_weight.add_(d_mm.T @ h.to(low))
             else:
-                grad_weight.addmm_(d.T, gh, alpha=-1).index_add_(0, y, gh)
+                grad_weight.sub_(d_mm.T @ gh.to(low)).index_add_(0, y, gh)
         if need_b:
             if gh is None:
                 grad_bias.add_(d.sum(0))
             else:
                 grad_bias.addmv_(d.T, g[:, 0], alpha=-1).index_add_(0, y, g[:, 0])
     cast = lambda grad, like: None if grad is None else grad.to(like.dtype)
-    return grad_hidden, None, cast(grad_weight, weight), cast(grad_bias, bias), None, None, None
+    return grad_hidden, None, cast(grad_weight, weight), cast(grad_bias, bias), None, None, None, None
 
 
 def chunked_token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
                            bias: torch.Tensor | None = None, chunk: int = 512,
-                           softcap: float | None = None, fused_lse: bool = False) -> torch.Tensor:
+                           softcap: float | None = None, fused_lse: bool = False,
+                           bf16_backward: bool = False) -> torch.Tensor:
     """[M] log p(targets) from hidden states [M, H] through the head (weight [V, H]), `chunk` rows at
-    a time; with gradient, each chunk recomputed in the backward (nothing [M, V] is ever stored)."""
+    a time; with gradient, each chunk recomputed in the backward (nothing [M, V] is ever stored);
+    `bf16_backward`: under bf16 autocast, the backward's matmuls on bf16 inputs (the values stay fp32)."""
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
-    return _ChunkedLogprobs.apply(hidden, targets, weight, bias, chunk, softcap, fused_lse)
+    return _ChunkedLogprobs.apply(hidden, targets, weight, bias, chunk, softcap, fused_lse, bf16_backward)
 
 
 class SequenceLogprobs(torch.nn.Module):
     """A causal LM as a module whose forward returns [B] completion log-probs of a `Batch`: what
     DDP / FSDP wrap, so their hooks see one forward per micro-batch."""
 
-    def __init__(self, lm, chunk: int = 512, fused_lse: bool = False):
+    def __init__(self, lm, chunk: int = 512, fused_lse: bool = False, bf16_backward: bool = False):
         super().__init__()
         self.lm = lm
         self.chunk = chunk
         self.fused_lse = fused_lse  # the head's logsumexp compiled (the trainer's `compile: true`)
+        self.bf16_backward = bf16_backward  # the head's backward matmuls in bf16 (the trainer's `head_backward: bf16`)
 
     @property
     def varlen(self) -> bool:
@@ -189,7 +213,7 @@ class SequenceLogprobs(torch.nn.Module):
                              "(leave lm_head out of --lora targets)")
         softcap = getattr(self.lm.config, "final_logit_softcapping", None)
         token_logp = chunked_token_logprobs(hidden, targets, head.weight, head.bias, self.chunk, softcap,
-                                            self.fused_lse)  # [M]
+                                            self.fused_lse, self.bf16_backward)  # [M]
         return token_logp.new_zeros(n_rows).index_add(0, row, token_logp)  # [B]
 
 

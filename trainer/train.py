@@ -143,7 +143,8 @@ def _wrap(policy, cfg: TrainConfig, device: torch.device, world: int) -> torch.n
     if cfg.compile:
         for layer in layers:
             layer.compile(dynamic=True)
-    model = SequenceLogprobs(policy, cfg.logprob_chunk, fused_lse=cfg.compile)  # the head's logsumexp compiled too
+    model = SequenceLogprobs(policy, cfg.logprob_chunk, fused_lse=cfg.compile,  # the head's logsumexp compiled too
+                             bf16_backward=cfg.head_backward == "bf16")
     if cfg.fsdp:
         return fsdp.shard(model, layers, device)
     return torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model

@@ -130,3 +130,37 @@ def test_a_frozen_head_gets_no_gradient_and_the_rest_the_same():
     got = torch.autograd.grad(chunked_token_logprobs(hidden, targets, weight, chunk=4).sum(), hidden)[0]
     want = torch.autograd.grad(torch.log_softmax(hidden @ weight.T, -1)[torch.arange(9), targets].sum(), hidden)[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_the_bf16_backward_keeps_the_values_and_gives_bf16_close_gradients(softcap):
+    """bf16_backward (the trainer's head_backward: bf16) under bf16 autocast: the forward's log-probs
+    are the fp32 ones bit for bit; the gradients are within bf16 rounding of the exact ones (float64
+    log_softmax autograd), and not the fp32 path's (the bf16 matmuls ran); without autocast the
+    option changes nothing."""
+    g = torch.Generator().manual_seed(4)
+    hidden, weight = torch.randn(37, 64, generator=g), torch.randn(500, 64, generator=g) / 8
+    bias, targets = torch.randn(500, generator=g), torch.randint(0, 500, (37,), generator=g)
+    coef = torch.randn(37, generator=g)
+    leaves = [t.double().requires_grad_() for t in (hidden, weight, bias)]
+    logits = leaves[0] @ leaves[1].T + leaves[2]
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    exact = torch.autograd.grad((torch.log_softmax(logits, -1)[torch.arange(37), targets] * coef).sum(), leaves)
+
+    def run(bf16_backward: bool, autocast: bool):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logp = chunked_token_logprobs(leaves[0], targets, leaves[1], leaves[2], chunk=16, softcap=softcap,
+                                          bf16_backward=bf16_backward)
+        return logp.detach(), torch.autograd.grad((logp * coef).sum(), leaves)
+
+    def rel(got, want):
+        return float((got.double() - want).norm() / want.norm())
+
+    (fp32_values, fp32_grads), (values, grads_) = run(False, True), run(True, True)
+    assert torch.equal(values, fp32_values)
+    for got, ref, want in zip(grads_, fp32_grads, exact):
+        assert rel(ref, want) < 1e-5 and 1e-5 < rel(got, want) < 2e-2
+    plain, plain_bf16 = run(False, False), run(True, False)
+    assert all(torch.equal(a, b) for a, b in zip(plain[1], plain_bf16[1]))

@@ -92,3 +92,11 @@ def test_boolean_flags_parse_true_and_false_and_refuse_anything_else(capsys):
     with pytest.raises(SystemExit) as e:
         ap.parse_args(["--packing", "maybe"])
     assert e.value.code == 2 and "expected true or false, got 'maybe'" in capsys.readouterr().err
+
+
+def test_head_backward_bf16_reaches_the_chunked_head():
+    from test_logprobs import tiny_lm
+
+    for choice, want in (("fp32", False), ("bf16", True)):
+        wrapped = train_mod._wrap(tiny_lm(), TrainConfig(head_backward=choice), torch.device("cpu"), world=1)
+        assert wrapped.bf16_backward is want
