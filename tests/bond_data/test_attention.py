@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_lms import grads, random_rows, tiny_lm
 from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM
 
 from bond_data import attention
 from bond_data.logprobs import SequenceLogprobs, batch_logprobs, completion_logprobs, full_logits_logprobs
 from bond_data.packing import collate_packed, segments
-from test_logprobs import grads, random_rows, tiny_lm
 
 CPU = torch.device("cpu")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_lms import grads, random_rows, tiny_lm
 
 from trainer import train as train_mod
 from trainer.config import TrainConfig
@@ -65,8 +66,6 @@ def test_varlen_attention_trains_to_the_same_anchor_in_one_row_per_micro_batch(r
 @pytest.mark.slow
 def test_compiled_layers_give_the_same_logprobs_and_gradients():
     """The trainer's wrapping with compile=True (torch.compile per decoder layer) against eager."""
-    from test_logprobs import grads, random_rows, tiny_lm
-
     rows, out = random_rows(n=6), []
     for compile_layers in (False, True):
         model = tiny_lm()
@@ -95,8 +94,6 @@ def test_boolean_flags_parse_true_and_false_and_refuse_anything_else(capsys):
 
 
 def test_head_backward_bf16_reaches_the_chunked_head():
-    from test_logprobs import tiny_lm
-
     for choice, want in (("fp32", False), ("bf16", True)):
         wrapped = train_mod._wrap(tiny_lm(), TrainConfig(head_backward=choice), torch.device("cpu"), world=1)
         assert wrapped.bf16_backward is want
