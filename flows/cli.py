@@ -166,6 +166,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     from bond_data.store import QueryInterrupted, QueryTimeout
 
     try:
+        if args.command in CHECKS:  # flags that cannot work are refused before the store is touched
+            CHECKS[args.command](args)
         with _writer_lease(args, argv if argv is not None else sys.argv[1:]):
             return COMMANDS[args.command](args) or 0
     except QueryInterrupted as e:
@@ -489,14 +491,13 @@ def cmd_demo(args) -> None:
     from flows.round import bond_rounds
     from trainer.report import REPORTS, evaluation_rows, round_dir
 
-    if args.rounds < 1:
-        raise ValueError(f"--rounds {args.rounds}: the demo runs at least one round")
+    generate, build = demo_settings(args)
     task = ensure_tiny_task()
     store = Store(args.store)
     store.register_anchor(0, str(task.model_dir), folder_sha256(task.model_dir), config={"source": "tiny task"})
     add_prompts(store, task.prompts_file)
-    bond_rounds(str(store.root), args.rounds, generate=GenerateConfig(k=args.k, max_new_tokens=16).model_dump(),
-                score=ScoreConfig(rm=task.reward).model_dump(), build=BuildConfig(n=args.n).model_dump(),
+    bond_rounds(str(store.root), args.rounds, generate=generate.model_dump(),
+                score=ScoreConfig(rm=task.reward).model_dump(), build=build.model_dump(),
                 train={**TrainConfig.load(TINY_TRAIN).model_dump(), "lr": TINY_ITERATIVE_LR},  # rounds of Best-of-2
                 evaluate=EvalConfig(prompts=str(task.eval_prompts_file), rm=task.reward, max_new_tokens=16).model_dump())
     last = args.rounds - 1
@@ -505,6 +506,22 @@ def cmd_demo(args) -> None:
           f"plot: {round_dir(store.root, last) / 'reward_vs_kl.png'}")
     print(f'try: bond sql --store {args.store} "SELECT round, avg(reward) AS one_sample, '
           f'avg(bon_weight * reward) AS best_of_{args.n} FROM bon_pool({args.n}) GROUP BY round ORDER BY round"')
+
+
+def demo_settings(args) -> tuple[GenerateConfig, BuildConfig]:
+    """`bond demo`'s generate and build settings from its flags, or one error naming the flag:
+    checked before the store is created or touched (`CHECKS`)."""
+    if args.rounds < 1:
+        raise ValueError(f"bond demo --rounds {args.rounds}: the demo runs at least one round")
+    generate = GenerateConfig.validate_as({"k": args.k, "max_new_tokens": 16}, "bond demo --k")
+    build = BuildConfig.validate_as({"n": args.n}, "bond demo --n")
+    if build.weighting == "unbiased" and build.n > generate.k:
+        raise ValueError(f"bond demo --n {build.n} --k {generate.k}: unbiased Best-of-{build.n} weights need "
+                         f"n <= k samples per prompt; raise --k to {build.n} or more")
+    return generate, build
+
+
+CHECKS = {"demo": demo_settings}
 
 
 def print_rounds(rows: list[dict], n: int) -> None:

@@ -1,5 +1,7 @@
 """The CLI's error paths: a clear message, exit code 2, nothing changed."""
 
+import pytest
+
 from flows.cli import main
 
 from testutil import tree_digest
@@ -48,6 +50,19 @@ def test_a_misspelt_store_is_an_error_and_creates_nothing(tmp_path, capsys):
         assert main(argv) == 2
         assert "no BOND store at" in capsys.readouterr().err
     assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--rounds", "0"], "bond demo --rounds 0: the demo runs at least one round"),
+    (["--n", "0"], "bond demo --n: field 'n': Input should be greater than or equal to 1 (got 0)"),
+    (["--k", "0"], "bond demo --k: field 'k': Input should be greater than or equal to 1 (got 0)"),
+    (["--k", "1"], "bond demo --n 2 --k 1: unbiased Best-of-2 weights need n <= k samples per prompt; raise --k to 2"),
+])
+def test_demo_refuses_flags_that_cannot_work_before_creating_a_store(flags, message, tmp_path, capsys):
+    assert main(["demo", "--store", str(tmp_path / "demo"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "demo").exists()
 
 
 def test_status_follows_a_round_stage_by_stage(store, capsys):
