@@ -368,6 +368,12 @@ def rounds_params(args) -> dict:
     held_out = params["evaluate"]["prompts"]
     if held_out and params["evaluate"]["enabled"] and not Path(held_out).is_file():
         raise ConfigError(f"{source} [evaluate]: field 'prompts': no such file {held_out}")
+    n, k = params["build"]["n"], params["generate"]["k"]
+    if params["build"]["weighting"] == "unbiased" and "k" in params["generate_set"] and n > k:
+        raise ConfigError(f"{source}: [build] n = {n} > [generate] k = {k}: unbiased Best-of-{n} weights need "
+                          f"n <= k samples per prompt; raise k or set [build] weighting: pool")
+    if args.num < 0:
+        raise ConfigError(f"--num {args.num}: the number of rounds in all cannot be negative")
     return params
 
 
@@ -521,7 +527,7 @@ def demo_settings(args) -> tuple[GenerateConfig, BuildConfig]:
     return generate, build
 
 
-CHECKS = {"demo": demo_settings}
+CHECKS = {"demo": demo_settings, "rounds": rounds_params, "serve": rounds_params}
 
 
 def print_rounds(rows: list[dict], n: int) -> None:

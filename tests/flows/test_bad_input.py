@@ -106,6 +106,10 @@ CONFIGS = [  # (case, command, config file content or None, extra flags, message
     ("a misspelt key in a rounds section", "rounds", "build:\n  nn: 2\n", ["--num", "1"], "[build]: field 'nn': unknown key"),
     ("a missing held-out prompts file", "rounds", "evaluate:\n  prompts: no/such/held_out.jsonl\n", ["--num", "1"],
      "[evaluate]: field 'prompts': no such file"),
+    ("rounds whose n exceeds k", "rounds", "generate:\n  k: 4\nbuild:\n  n: 8\n", ["--num", "1"],
+     "[build] n = 8 > [generate] k = 4: unbiased Best-of-8 weights need n <= k"),
+    ("rounds whose flags set n above k", "rounds", None, ["--num", "1", "--n", "9", "--k", "4"], "[build] n = 9 > [generate] k = 4"),
+    ("a negative number of rounds", "rounds", None, ["--num", "-1"], "--num -1: the number of rounds in all cannot be negative"),
 ]
 
 REWARDS = [  # (case, --rm, extra flags, message)
