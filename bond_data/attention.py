@@ -89,8 +89,7 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       softcap=softcap, **kwargs)
     if softcap is not None:
-        raise ValueError("attn_implementation varlen: attention logit soft-capping (Gemma-2) is not supported; "
-                         "use sdpa or eager")
+        raise ValueError("attn_implementation varlen: attention logit soft-capping is not supported; use sdpa or eager")
     p, hq, length, d = query.shape
     scale = d**-0.5 if scaling is None else scaling
     window = sliding_window if sliding_window is not None and sliding_window < max_length_q else None
@@ -143,6 +142,13 @@ def _per_row(q, k, v, cu, scale: float, window: int | None, dropout: float):
                                            dropout_p=dropout, enable_gqa=rk.shape[0] != rq.shape[0])
         out.append(o.transpose(0, 1))
     return torch.cat(out)
+
+
+def check_supported(config) -> None:
+    """Refuse, before any training starts, a model whose attention this module cannot compute."""
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError(f"attn_implementation varlen: {config.model_type}'s attention logit soft-capping is not "
+                         "supported; use sdpa or eager")
 
 
 def register() -> str:

@@ -58,6 +58,9 @@ def load_policy(folder, device: str | torch.device | None = None, attn_implement
 
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     if attn_implementation == "varlen":
+        from transformers import AutoConfig
+
+        attention.check_supported(AutoConfig.from_pretrained(folder))
         attn_implementation = attention.register()  # the name transformers knows it by
     tokenizer = AutoTokenizer.from_pretrained(folder)
     policy = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,

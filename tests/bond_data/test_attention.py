@@ -107,8 +107,16 @@ def test_attention_soft_capping_is_refused_with_a_clear_error():
     gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                            attn_implementation="eager"))
-    with pytest.raises(ValueError, match="soft-capping .* not supported; use sdpa or eager"):
+    with pytest.raises(ValueError, match="soft-capping is not supported; use sdpa or eager"):
         completion_logprobs(varlen(gemma), random_rows(n=2), CPU)
+
+
+def test_the_trainer_refuses_a_soft_capped_model_before_loading_it(tmp_path):
+    from trainer.checkpoints import load_policy
+
+    Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="gemma2's attention logit soft-capping is not supported"):
+        load_policy(tmp_path, CPU, "varlen")  # only a config.json there: refused before weights or tokenizer
 
 
 @pytest.mark.gpu
