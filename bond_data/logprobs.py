@@ -117,8 +117,9 @@ def _forward_chunks(out, lse, hidden, targets, weight, bias, chunk, softcap, log
 
 def _backward_chunks(ctx, grad_out):
     """The chunks' gradients; with `ctx.bf16` (`bf16_backward` under bf16 autocast) the three matmuls
-    per chunk (recomputed logits, d h, d W) take bf16 inputs, as autocast runs every other layer's
-    backward, while the softmax, lse and every accumulation stay fp32."""
+    per chunk (recomputed logits, d h, d W) run in bf16, inputs and products (fp32 accumulation
+    inside), as autocast runs every other layer's backward, while the softmax (from the forward's
+    fp32 lse) and the sums over chunks stay fp32."""
     hidden, targets, weight, bias, lse = ctx.saved_tensors
     need_h, _, need_w, need_b = ctx.needs_input_grad[:4]  # a frozen head (LoRA) gets no [V, H] buffer
     grad_hidden = torch.empty_like(hidden) if need_h else None
