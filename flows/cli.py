@@ -372,9 +372,16 @@ def rounds_params(args) -> dict:
     if params["build"]["weighting"] == "unbiased" and "k" in params["generate_set"] and n > k:
         raise ConfigError(f"{source}: [build] n = {n} > [generate] k = {k}: unbiased Best-of-{n} weights need "
                           f"n <= k samples per prompt; raise k or set [build] weighting: pool")
+    return params
+
+
+def check_rounds(args) -> None:
+    """`bond rounds` / `bond serve` settings, checked before the store lease (`CHECKS`)."""
+    from bond_data.config import ConfigError
+
     if args.num < 0:
         raise ConfigError(f"--num {args.num}: the number of rounds in all cannot be negative")
-    return params
+    rounds_params(args)
 
 
 def cmd_rounds(args) -> None:
@@ -527,7 +534,7 @@ def demo_settings(args) -> tuple[GenerateConfig, BuildConfig]:
     return generate, build
 
 
-CHECKS = {"demo": demo_settings, "rounds": rounds_params, "serve": rounds_params}
+CHECKS = {"demo": demo_settings, "rounds": check_rounds, "serve": check_rounds}
 
 
 def print_rounds(rows: list[dict], n: int) -> None:
