@@ -70,8 +70,13 @@ def _find_kernel() -> _Kernel | None:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    params = inspect.signature(varlen_attn).parameters
-    return _Kernel(varlen_attn, "window_size" in params, "scale" in params, "enable_gqa" in params)
+    return kernel_of(varlen_attn)
+
+
+def kernel_of(fn: Callable) -> _Kernel:
+    """What a varlen_attn of this signature takes (2.10: is_causal; 2.11: window_size, scale; 2.12: enable_gqa)."""
+    params = inspect.signature(fn).parameters
+    return _Kernel(fn, "window_size" in params, "scale" in params, "enable_gqa" in params)
 
 
 def uses_kernel(query: torch.Tensor) -> bool:
