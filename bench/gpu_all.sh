@@ -7,8 +7,9 @@
 #   2. the GPU tests: torch's varlen kernel against the row-by-row reference, static-compiled
 #      decoding against dynamic (pytest -m gpu);
 #   3. rho at initialisation with the trainer on varlen (bench/gpu_precision.py --trainer-attn varlen);
-#   4. the LM head alone (bench/head.py: before, now, fused logsumexp, bf16 backward), and a profile
-#      of the varlen + compile step;
+#   4. the LM head alone (bench/head.py: before, now, fused logsumexp, bf16 backward), the best
+#      variants with 2,048-token head chunks (logprob_chunk; wider matmuls), and a profile of the
+#      varlen + compile step;
 #   then what earlier runs measured (bench/gpu/): before / after issue 12 and the head in IEEE fp32,
 #   rho under each policy, decoding paths vs plain generate and the bandwidth limit, activation
 #   checkpointing, FSDP2 (one process, NCCL), Liger, flex_attention with compile.
@@ -36,6 +37,7 @@ part() { local limit=$1; shift; echo "== $* (limit ${limit} s)"; local t=$SECOND
   part 70 $py bench/gpu_precision.py --shapes tiny,qwen2-0.5b --prompts 32 --k 4 --new-tokens 128 \
     --trainer-attn varlen --cases bf16-autocast:tf32:packed,fp32:strict:packed
   part 45 $py bench/head.py --device cuda --before .whl/old_logprobs.py
+  part 100 $py bench/train_step.py --device cuda --chunk 2048 --variants varlen-compile-1mb,varlen-compile-bf16bwd
   part 100 $py bench/train_step.py --device cuda --variants varlen-compile --profile 25
   part 140 $py bench/train_step.py --device cuda --variants before,strict-head
   part 70 $py bench/gpu_precision.py --shapes tiny,qwen2-0.5b --prompts 32 --k 4 --new-tokens 128 \
