@@ -95,6 +95,10 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
                                       softcap=softcap, **kwargs)
     if softcap is not None:
         raise ValueError("attn_implementation varlen: attention logit soft-capping is not supported; use sdpa or eager")
+    kind = query.device.type
+    if torch.is_autocast_enabled(kind):  # as autocast casts SDPA's inputs (RoPE leaves q, k in fp32)
+        low = torch.get_autocast_dtype(kind)
+        query, key, value = (t.to(low) for t in (query, key, value))
     p, hq, length, d = query.shape
     scale = d**-0.5 if scaling is None else scaling
     window = sliding_window if sliding_window is not None and sliding_window < max_length_q else None

@@ -59,6 +59,21 @@ def test_varlen_equals_sdpa_with_its_packed_mask_in_one_row(family):
         torch.testing.assert_close(got, full_logits_logprobs(mistral(window=5), rows, CPU), rtol=0, atol=1e-5)
 
 
+def test_under_bf16_autocast_the_attention_gets_bf16_inputs_as_sdpa_does(monkeypatch):
+    """The bf16-autocast policy (a GPU's default): RoPE leaves q and k in fp32, and autocast casts
+    SDPA's inputs to bf16 but not those of torch's varlen kernel, which then would not run; the
+    attention casts them itself. Log-probs stay within bf16 rounding of SDPA's under the same policy."""
+    seen = []
+    spy = attention._per_row
+    monkeypatch.setattr(attention, "_per_row", lambda q, k, v, *a: seen.append({q.dtype, k.dtype, v.dtype}) or spy(q, k, v, *a))
+    rows = random_rows(n=9)
+    with torch.no_grad():
+        want = completion_logprobs(tiny_lm("qwen2"), rows, CPU, precision="bf16-autocast")
+        got = completion_logprobs(varlen(tiny_lm("qwen2")), rows, CPU, precision="bf16-autocast")
+    assert seen and all(dtypes == {torch.bfloat16} for dtypes in seen)
+    torch.testing.assert_close(got, want, rtol=0, atol=5e-3)  # 9e-4 here; bf16 vs fp32 SDPA: 8e-4
+
+
 def test_a_row_never_attends_to_its_neighbour_and_padding_tails_are_rows_of_their_own():
     a, b = {"prompt": [5, 6, 7], "completion": [8, 9]}, {"prompt": [10, 11], "completion": [12, 13, 14]}
     a2 = {"prompt": [50, 60, 70], "completion": [80, 90]}
