@@ -188,6 +188,34 @@ def test_each_kernel_signature_gets_the_causal_window_scale_and_heads_right(sign
     torch.testing.assert_close(attention._flash_varlen(q, k, v, cu, 19, 0.1, window, 0.0), want, rtol=0, atol=1e-5)
 
 
+def test_the_kernel_path_trains_end_to_end_with_a_stand_in_kernel(monkeypatch):
+    """The GPU path rehearsed on the CPU: a stand-in for torch's kernel that insists on what the real
+    one needs (one half-precision dtype for q, k, v, [T, H, D] contiguous, int32 row starts on their
+    device, an int longest row) takes the trainer's bf16-autocast step through its wrapping (packing
+    into one row, the decoder's keyword arguments, each layer, the backward), once per layer, and
+    gives SDPA's loss within bf16 rounding."""
+    from trainer.step import train_step
+
+    calls = []
+
+    def strict(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
+               enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+        assert q.dtype == k.dtype == v.dtype == torch.bfloat16 and all(t.is_contiguous() for t in (q, k, v))
+        assert cu_seq_q.dtype == torch.int32 and cu_seq_q.device == q.device and isinstance(max_q, int)
+        calls.append(q.shape)
+        return _flash_semantics(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, window_size=window_size,
+                                enable_gqa=enable_gqa)
+
+    monkeypatch.setattr(attention, "_KERNEL", attention.kernel_of(strict))
+    monkeypatch.setattr(attention, "uses_kernel", lambda q: True)
+    rows = [{**r, "weight": 1.0, "weight_pool": 1.0, "logp_anchor": -30.0} for r in random_rows(n=8)]
+    want = train_step(tiny_lm("qwen2"), [rows], 0.5, 0.05, len(rows), 1, CPU, precision="bf16-autocast")
+    got = train_step(varlen(tiny_lm("qwen2")), [rows], 0.5, 0.05, len(rows), 1, CPU, precision="bf16-autocast")
+    tokens = sum(len(r["prompt"]) + len(r["completion"]) for r in rows)
+    assert calls == [torch.Size([tokens, 4, 8])] * 2  # one packed row, each of the 2 layers once
+    assert got["padding"] == 0 and got["loss"] == pytest.approx(want["loss"], rel=1e-2)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("window", [None, 6])
