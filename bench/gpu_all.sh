@@ -6,7 +6,8 @@
 #      MFU figures, never measured);
 #   2. the GPU tests: torch's varlen kernel against the row-by-row reference, static-compiled
 #      decoding against dynamic (pytest -m gpu);
-#   3. rho at initialisation with the trainer on varlen (bench/gpu_precision.py --trainer-attn varlen);
+#   3. rho at initialisation with generator and trainer on varlen (bench/gpu_precision.py --generator-attn
+#      varlen --trainer-attn varlen);
 #   4. the LM head alone (bench/head.py: before, now, fused logsumexp, bf16 backward), the best
 #      variants with 2,048-token head chunks (logprob_chunk; wider matmuls), and a profile of the
 #      varlen + compile step;
@@ -35,7 +36,7 @@ part() { local limit=$1; shift; echo "== $* (limit ${limit} s)"; local t=$SECOND
   part 100 $py -m pytest -q -p no:cacheprovider -m gpu tests/bond_data/test_attention.py \
     tests/bond_data/backends/test_hf_decoding.py
   part 70 $py bench/gpu_precision.py --shapes tiny,qwen2-0.5b --prompts 32 --k 4 --new-tokens 128 \
-    --trainer-attn varlen --cases bf16-autocast:tf32:packed,fp32:strict:packed
+    --generator-attn varlen --trainer-attn varlen --cases bf16-autocast:tf32:packed,fp32:strict:packed
   part 45 $py bench/head.py --device cuda --before .whl/old_logprobs.py
   part 100 $py bench/train_step.py --device cuda --chunk 2048 --variants varlen-compile-1mb,varlen-compile-bf16bwd
   part 100 $py bench/train_step.py --device cuda --variants varlen-compile --profile 25

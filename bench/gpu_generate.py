@@ -68,10 +68,15 @@ def build(folder: Path, shape: str) -> None:
     fast.save_pretrained(folder)
 
 
-def load_backend(folder: Path, device: str, batch_size: int, decoding: str = "dynamic") -> TransformersBackend:
+def load_backend(folder: Path, device: str, batch_size: int, decoding: str = "dynamic",
+                 attn: str | None = None) -> TransformersBackend:
     """TransformersBackend.from_pretrained, but with the word-level tokenizer as saved: AutoTokenizer
     would build Qwen2's own BPE tokenizer around a Qwen2 config and lose the word-level vocabulary."""
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
+    from bond_data.attention import transformers_name
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                                 attn_implementation=transformers_name(attn, folder))
+    model = model.to(device).eval()
     return TransformersBackend(model, PreTrainedTokenizerFast.from_pretrained(str(folder)), torch.device(device),
                                batch_size, decoding)
 

@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--micro-batch", type=int, default=16, help="the trainer's rows per micro-batch")
+    ap.add_argument("--generator-attn", choices=["sdpa", "varlen"], default="sdpa",
+                    help="the generator's attn_implementation (varlen: its teacher-forced log A pass as the trainer's)")
     ap.add_argument("--trainer-attn", choices=["same", "varlen"], default="same",
                     help="the trainer's attention for its log pi: the generator's (same) or attn_implementation "
                     "varlen (bond_data/attention.py: each micro-batch in one row, torch's varlen kernel)")
@@ -92,7 +94,7 @@ def main() -> None:
     for shape in shapes:
         folder = Path(tempfile.mkdtemp()) / shape
         build(folder, shape)
-        backend = load_backend(folder, args.device, batch_size=64)
+        backend = load_backend(folder, args.device, batch_size=64, attn=args.generator_attn)
         prompts = [" ".join(f"w{(37 * p + 11 * i) % 30000 + 3}" for i in range(8 + p % 24)) for p in range(args.prompts)]
         jobs = [PromptJob(str(j), p, None, list(range(args.k)), [1000 * j + s for s in range(args.k)])
                 for j, p in enumerate(prompts)]
@@ -112,7 +114,8 @@ def main() -> None:
             length = sum(len(r["completion"]) for r in rows) / len(rows)
             d_packed, d_full = (anchor - trainer_lp).abs(), (anchor - full).abs()
             layout = "packed" if packed else "padded"
-            trainer = "packed, chunked" + (", varlen" if args.trainer_attn == "varlen" else "")
+            trainer = "packed, chunked" + (", varlen" if args.trainer_attn == "varlen" else "") + \
+                (", generator varlen" if args.generator_attn == "varlen" else "")
             print(f"{shape:>11} {policy:>13} head {head:>6} log A {layout}: trainer ({trainer}) max {d_packed.max():.2e} "
                   f"mean {d_packed.mean():.2e}; full-logits max {d_full.max():.2e} mean {d_full.mean():.2e} "
                   f"nats; mean log A {anchor.mean():.2f} over {length:.0f} tokens ({time.perf_counter() - t:.1f} s)")

@@ -63,6 +63,7 @@ class _Kernel(NamedTuple):
 
 
 _KERNEL: _Kernel | None = None  # torch's varlen_attn, found once by `register` (outside any compiled code)
+_SDPA: Callable | None = None  # transformers' SDPA attention function, for calls that are not packed batches
 
 
 def _find_kernel() -> _Kernel | None:
@@ -89,10 +90,8 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     """transformers' attention-function contract: query [P, Hq, L, D], key / value [P, Hkv, L, D] ->
     ([P, L, Hq, D], None). Without `cu_seq_lens_q` (not a packed batch): transformers' SDPA."""
     if cu_seq_lens_q is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      softcap=softcap, **kwargs)
+        return _SDPA(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, softcap=softcap,
+                     **kwargs)
     if softcap is not None:
         raise ValueError("attn_implementation varlen: attention logit soft-capping is not supported; use sdpa or eager")
     kind = query.device.type
@@ -164,14 +163,27 @@ def register() -> str:
     """Register the attention and its mask function with transformers (idempotent); returns the name
     to pass as `attn_implementation`."""
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface
 
-    global _KERNEL
+    global _KERNEL, _SDPA
     if _KERNEL is None:
         _KERNEL = _find_kernel()
+    _SDPA = sdpa_attention_forward
     AttentionInterface.register(NAME, varlen_attention)
     AttentionMaskInterface.register(NAME, _mask)
     return NAME
+
+
+def transformers_name(name: str | None, folder) -> str | None:
+    """The `attn_implementation` to load the model in `folder` with, for a config's value: `varlen`
+    checked against the model's config and registered; any other name as it is."""
+    if name != "varlen":
+        return name
+    from transformers import AutoConfig
+
+    check_supported(AutoConfig.from_pretrained(folder))
+    return register()
 
 
 def is_varlen(lm) -> bool:

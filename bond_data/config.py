@@ -144,6 +144,11 @@ class RunnerConfig(Config):
                                           "blocked in C or I/O is not cut short); none = no limit")
 
 
+# transformers attention kernels the generator and the trainer can load a model with; varlen is
+# bond_data/attention.py's (torch's variable-length flash kernel for packed rows)
+Attention = Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "varlen"]
+
+
 class GenerateConfig(RunnerConfig):
     round: int = Field(0, ge=0, description="the round whose registered anchor generates")
     k: int = Field(8, ge=1, description="samples per prompt; raising it later generates only the new indices")
@@ -160,6 +165,10 @@ class GenerateConfig(RunnerConfig):
     precision: Literal["auto", "fp32", "bf16-autocast"] = Field(
         "auto", description="transformers: the policy log A is computed under, recorded with each candidate for the "
                             "trainer (bond_data/precision.py); auto = bf16-autocast on cuda, fp32 elsewhere")
+    attn_implementation: Attention | None = Field(
+        None, description="transformers: the model's attention kernel, as the trainer's attn_implementation; set "
+        "both alike so that log A and log pi come from the same kernels (varlen: the teacher-forced log A pass "
+        "attends as the trainer does, decoding stays on SDPA; bond_data/attention.py)")
     # vLLM engine arguments (backend vllm only)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory the engine reserves")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one model is split across")

@@ -57,13 +57,8 @@ def load_policy(folder, device: str | torch.device | None = None, attn_implement
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device) if not isinstance(device, torch.device) else device
-    if attn_implementation == "varlen":
-        from transformers import AutoConfig
-
-        attention.check_supported(AutoConfig.from_pretrained(folder))
-        attn_implementation = attention.register()  # the name transformers knows it by
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    policy = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                  attn_implementation=attn_implementation).to(device)
+    attn = attention.transformers_name(attn_implementation, folder)  # varlen: checked and registered
+    policy = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn).to(device)
     policy.train()
     return policy, tokenizer

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from bond_data.config import DEVICE_PATTERN, Config
+from bond_data.config import DEVICE_PATTERN, Attention, Config
 from trainer.lora import parse_lora
 
 
@@ -45,7 +45,7 @@ class TrainConfig(Config):
     pack_length: int | None = Field(None, ge=1, description="widest a packed row may be, in tokens; none: twice the micro-batch's longest row (with attn_implementation varlen: the whole micro-batch in one row, no padding); the rows are balanced over bins for the least padding (wider rows waste less on padding but cost more attention with SDPA's dense mask)")
     logprob_chunk: int = Field(512, ge=1, description="completion tokens per LM-head chunk: the [chunk, vocab] logits are the only vocab-sized tensor, recomputed in the backward")
     head_backward: Literal["fp32", "bf16"] = Field("fp32", description="the LM head's backward matmuls under bf16-autocast precision: fp32 (TF32 on a GPU, as its forward) or bf16, as autocast runs every other layer's backward (about twice the tensor-core rate; the recomputed logits rounded to bf16); the forward's log-probs, which enter rho and the loss, and the gradients' sums over chunks stay fp32; no effect under precision fp32")
-    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "varlen"] | None = Field(None, description="transformers attention kernel; none: transformers' default (SDPA where the architecture has it; Gemma-2 has not); flex_attention skips the masked blocks of packed rows (GPU; compiles), flash_attention_2 needs the flash-attn package; varlen: each packed row attends only within itself through torch's own variable-length flash kernel (CUDA, bf16; elsewhere the same math row by row), no mask (bond_data/attention.py)")
+    attn_implementation: Attention | None = Field(None, description="transformers attention kernel; none: transformers' default (SDPA where the architecture has it; Gemma-2 has not); flex_attention skips the masked blocks of packed rows (GPU; compiles), flash_attention_2 needs the flash-attn package; varlen: each packed row attends only within itself through torch's own variable-length flash kernel (CUDA, bf16; elsewhere the same math row by row), no mask (bond_data/attention.py)")
     compile: bool = Field(False, description="torch.compile each decoder layer and the LM head's logsumexp (dynamic shapes; first steps are slow; 1.28x on a 0.5B Qwen2 step on an H200)")
     activation_checkpointing: bool = Field(False, description="recompute each decoder layer in the backward: less memory, about a third more compute")
     fsdp: bool = Field(False, description="shard policy, anchor, gradients and optimizer state over the processes with FSDP2 (under torchrun); sharded checkpoints")

@@ -26,6 +26,7 @@ import dataclasses
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from bond_data import attention
 from bond_data import precision as precision_policy
 from bond_data.backends.base import Completion, PromptJob, Sampling, prompt_token_ids  # the trainer imports the last here
 from bond_data.device import resolve_device
@@ -169,10 +170,14 @@ class TransformersBackend:
 
     @classmethod
     def from_pretrained(cls, model_dir: str, batch_size: int = 64, device: str | None = None,
-                        decoding: str = "dynamic") -> TransformersBackend:
+                        decoding: str = "dynamic", attn_implementation: str | None = None) -> TransformersBackend:
+        """`attn_implementation` as the trainer's (`varlen`: the teacher-forced log A pass attends as the
+        trainer does, one row per batch; decoding stays on SDPA)."""
         dev = resolve_device(device)
         # fp32 weights under every policy: the trainer's are fp32 too (bf16-autocast casts in matmuls)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev).eval()
+        attn = attention.transformers_name(attn_implementation, model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
+        model = model.to(dev).eval()
         return cls(model, AutoTokenizer.from_pretrained(model_dir), dev, batch_size, decoding)
 
     def precision(self, sampling: Sampling) -> str:
