@@ -368,6 +368,9 @@ def rounds_params(args) -> dict:
     held_out = params["evaluate"]["prompts"]
     if held_out and params["evaluate"]["enabled"] and not Path(held_out).is_file():
         raise ConfigError(f"{source} [evaluate]: field 'prompts': no such file {held_out}")
+    generate, train = params["generate"], params["train"]
+    if generate["attn_implementation"] is None and generate["backend"] == "transformers":
+        generate["attn_implementation"] = train["attn_implementation"]  # log A computed as the trainer's log pi
     n, k = params["build"]["n"], params["generate"]["k"]
     if params["build"]["weighting"] == "unbiased" and "k" in params["generate_set"] and n > k:
         raise ConfigError(f"{source}: [build] n = {n} > [generate] k = {k}: unbiased Best-of-{n} weights need "

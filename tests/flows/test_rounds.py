@@ -94,6 +94,19 @@ def test_a_round_inherits_the_previous_rounds_sampling_unless_set(store):
     assert inherit_sampling(store, 0, defaults, explicit=["k"])[0]["max_new_tokens"] == 6
 
 
+def test_rounds_generate_with_the_trainers_attention_unless_told_otherwise(tmp_path):
+    import argparse
+
+    from flows.cli import rounds_params
+
+    cfg = tmp_path / "rounds.yaml"
+    args = argparse.Namespace(config=str(cfg), k=None, max_new_tokens=None, temperature=None, top_p=None, rm=None, n=2)
+    cfg.write_text("train:\n  attn_implementation: varlen\n")
+    assert rounds_params(args)["generate"]["attn_implementation"] == "varlen"
+    cfg.write_text("train:\n  attn_implementation: varlen\ngenerate:\n  attn_implementation: sdpa\n")
+    assert rounds_params(args)["generate"]["attn_implementation"] == "sdpa"
+
+
 def test_rounds_flags_and_config_name_the_generate_keys_set(tmp_path):
     import argparse
 
