@@ -372,10 +372,19 @@ def rounds_params(args) -> dict:
     if generate["attn_implementation"] is None and generate["backend"] == "transformers":
         generate["attn_implementation"] = train["attn_implementation"]  # log A computed as the trainer's log pi
     n, k = params["build"]["n"], params["generate"]["k"]
-    if params["build"]["weighting"] == "unbiased" and "k" in params["generate_set"] and n > k:
-        raise ConfigError(f"{source}: [build] n = {n} > [generate] k = {k}: unbiased Best-of-{n} weights need "
-                          f"n <= k samples per prompt; raise k or set [build] weighting: pool")
+    if "k" in params["generate_set"]:  # otherwise k follows the previous round's: the build checks the pool
+        check_n_within_k(n, k, params["build"]["weighting"], f"{source}: [build] n = {n} > [generate] k = {k}",
+                         "raise k or set [build] weighting: pool")
     return params
+
+
+def check_n_within_k(n: int, k: int, weighting: str, where: str, advice: str) -> None:
+    """Unbiased weights average over n-subsets of each prompt's k samples: settings asking n > k are
+    refused before anything is generated (bond_data/build.py checks the pool itself)."""
+    from bond_data.config import ConfigError
+
+    if weighting == "unbiased" and n > k:
+        raise ConfigError(f"{where}: unbiased Best-of-{n} weights need n <= k samples per prompt; {advice}")
 
 
 def check_rounds(args) -> None:
@@ -531,9 +540,8 @@ def demo_settings(args) -> tuple[GenerateConfig, BuildConfig]:
         raise ValueError(f"bond demo --rounds {args.rounds}: the demo runs at least one round")
     generate = GenerateConfig.validate_as({"k": args.k, "max_new_tokens": 16}, "bond demo --k")
     build = BuildConfig.validate_as({"n": args.n}, "bond demo --n")
-    if build.weighting == "unbiased" and build.n > generate.k:
-        raise ValueError(f"bond demo --n {build.n} --k {generate.k}: unbiased Best-of-{build.n} weights need "
-                         f"n <= k samples per prompt; raise --k to {build.n} or more")
+    check_n_within_k(build.n, generate.k, build.weighting, f"bond demo --n {build.n} --k {generate.k}",
+                     f"raise --k to {build.n} or more")
     return generate, build
 
 
