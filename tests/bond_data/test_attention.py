@@ -37,7 +37,7 @@ def logprobs_and_grads(model, rows, **kw):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral-window"])
-def test_varlen_equals_sdpa_with_its_packed_mask_in_one_row(family):
+def test_varlen_equals_sdpa_with_its_packed_mask_in_one_row(family, monkeypatch):
     """Qwen2 / Llama (grouped-query heads), and Mistral with a sliding window shorter than most rows
     (so the window is what differs from plain causal attention)."""
     model = mistral(window=5) if family == "mistral-window" else tiny_lm(family)
@@ -45,11 +45,8 @@ def test_varlen_equals_sdpa_with_its_packed_mask_in_one_row(family):
     want, want_grads = logprobs_and_grads(model, rows)  # SDPA, bins of twice the longest row
     calls = []
     spy = attention._per_row
-    attention._per_row = lambda q, *a: calls.append(q.shape) or spy(q, *a)
-    try:
-        got, got_grads = logprobs_and_grads(varlen(model), rows)
-    finally:
-        attention._per_row = spy
+    monkeypatch.setattr(attention, "_per_row", lambda q, *a: calls.append(q.shape) or spy(q, *a))
+    got, got_grads = logprobs_and_grads(varlen(model), rows)
     assert calls and all(shape[0] == sum(len(r["prompt"]) + len(r["completion"]) for r in rows) for shape in calls)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert got_grads.keys() == want_grads.keys()
