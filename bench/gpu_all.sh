@@ -5,7 +5,8 @@
 #      varlen, varlen + compile, that in one micro-batch, and with the head's backward in bf16 (the
 #      MFU figures, never measured);
 #   2. the GPU tests: torch's varlen kernel against the row-by-row reference, static-compiled
-#      decoding against dynamic (pytest -m gpu);
+#      decoding against dynamic, the training step's waits for the GPU (pytest -m gpu; -s prints
+#      the waits found inside transformers);
 #   3. rho at initialisation with generator and trainer on varlen (bench/gpu_precision.py --generator-attn
 #      varlen --trainer-attn varlen);
 #   4. the LM head alone (bench/head.py: before, now, fused logsumexp, bf16 backward), the best
@@ -33,8 +34,8 @@ part() { local limit=$1; shift; echo "== $* (limit ${limit} s)"; local t=$SECOND
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
   $py -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
   part 380 $py bench/train_step.py --device cuda --variants after,compile,varlen,varlen-compile,varlen-compile-1mb,varlen-compile-bf16bwd
-  part 100 $py -m pytest -q -p no:cacheprovider -m gpu tests/bond_data/test_attention.py \
-    tests/bond_data/backends/test_hf_decoding.py
+  part 100 $py -m pytest -q -s -p no:cacheprovider -m gpu tests/bond_data/test_attention.py \
+    tests/bond_data/backends/test_hf_decoding.py tests/trainer/test_step_sync.py
   part 70 $py bench/gpu_precision.py --shapes tiny,qwen2-0.5b --prompts 32 --k 4 --new-tokens 128 \
     --generator-attn varlen --trainer-attn varlen --cases bf16-autocast:tf32:packed,fp32:strict:packed
   part 45 $py bench/head.py --device cuda --before .whl/old_logprobs.py

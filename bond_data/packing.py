@@ -44,9 +44,18 @@ class Batch:
         return 1.0 - self.tokens / self.input_ids.numel()
 
     def to(self, device: torch.device) -> Batch:
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        move = lambda t: None if t is None else to_device(t, device)
         return Batch(move(self.input_ids), move(self.attention_mask), move(self.position_ids), move(self.index),
                      move(self.targets), move(self.row), self.n_rows, self.tokens, move(self.cu_seqlens), self.longest)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device` without making the CPU wait for the device: to CUDA through pinned
+    memory, asynchronously (a copy from pageable memory, or one with non_blocking=False, waits for
+    every kernel queued before it, so the GPU would idle while the next micro-batch is collated)."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:

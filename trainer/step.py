@@ -12,7 +12,9 @@ import torch
 
 from bond_data.logprobs import SequenceLogprobs, batch_logprobs
 from trainer.losses import jeffreys_loss
-from bond_data.packing import collate_packed, collate_padded
+from bond_data.packing import collate_packed, collate_padded, to_device
+
+SUMMED = ("loss", "forward", "backward", "anchor_kl")  # the loss terms a step sums over its micro-batches
 
 
 def train_step(model, micro_batches: list[list[dict]], beta: float, gamma: float, global_rows: int, world: int,
@@ -21,31 +23,31 @@ def train_step(model, micro_batches: list[list[dict]], beta: float, gamma: float
     """Forward + backward over this rank's micro-batches of rows (prompt ids, completion ids, weight,
     weight_pool, log A); losses scaled so that the summed (and DDP-averaged) gradient is that of the mean over
     the `global_rows` rows of the global batch; self_normalize: the backward term's importance weights
-    normalized over each micro-batch (trainer/losses.py). `model`: a SequenceLogprobs (maybe DDP / FSDP-wrapped; a bare
+    normalized over each micro-batch (trainer/losses.py). The micro-batches queue their kernels
+    without waiting for the device (inputs through pinned memory, the loss terms summed on the
+    device), which is read once, at the end. `model`: a SequenceLogprobs (maybe DDP / FSDP-wrapped; a bare
     causal LM gets wrapped); `precision`: bond_data/precision.py (auto: by device)."""
     if hasattr(model, "get_decoder"):  # a bare transformers model
         model = SequenceLogprobs(model)
-    totals = {"loss": 0.0, "forward": 0.0, "backward": 0.0, "anchor_kl": 0.0, "log_ratio": 0.0, "tokens": 0}
-    fed = 0
+    sums = torch.zeros(len(SUMMED) + 1, device=device, dtype=torch.float64)  # SUMMED, then the log-ratio
+    tokens = fed = 0
     one_row = pack_length is None and getattr(getattr(model, "module", model), "varlen", False)  # DDP keeps it in .module
     for i, rows in enumerate(micro_batches):
         batch = collate_packed(rows, pack_length, one_row) if packing else collate_padded(rows)
-        weight = torch.tensor([r["weight"] for r in rows], device=device, dtype=torch.float32)  # forward term
-        weight_pool = torch.tensor([r["weight_pool"] for r in rows], device=device, dtype=torch.float32)  # backward
-        logp_anchor = torch.tensor([r["logp_anchor"] for r in rows], device=device, dtype=torch.float32)
+        weight, weight_pool, logp_anchor = (to_device(torch.tensor([r[k] for r in rows], dtype=torch.float32), device)
+                                            for k in ("weight", "weight_pool", "logp_anchor"))  # forward, backward term
         with _gradient_sync(model, last=i == len(micro_batches) - 1, world=world):
             logp_policy = batch_logprobs(model, batch, device, precision)  # [B]
             terms = jeffreys_loss(logp_policy, logp_anchor, weight, beta, gamma, weight_pool, self_normalize)
             scale = len(rows) / global_rows * world
             (terms["loss"] * scale).backward()
-        for k in ("loss", "forward", "backward", "anchor_kl"):
-            totals[k] += float(terms[k].detach()) * scale
-        totals["log_ratio"] += float((logp_policy - logp_anchor).detach().sum()) / global_rows * world
-        totals["tokens"] += batch.tokens
+        sums[:-1] += torch.stack([terms[k].detach() for k in SUMMED]).double() * scale
+        sums[-1] += (logp_policy - logp_anchor).detach().sum().double() * (world / global_rows)
+        tokens += batch.tokens
         fed += batch.input_ids.numel()
-    totals["positions"] = fed
-    totals["padding"] = 1 - totals["tokens"] / fed  # share of the positions fed that were padding
-    return totals
+    totals = dict(zip((*SUMMED, "log_ratio"), sums.tolist()))  # the step's one wait for the device
+    return {**totals, "tokens": tokens, "positions": fed,
+            "padding": 1 - tokens / fed}  # padding: share of the positions fed that were padding
 
 
 def _gradient_sync(model, last: bool, world: int):

@@ -114,13 +114,14 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
             metrics = train_step(model, batch, cfg.beta, cfg.gamma, global_rows, world, device, precision,
                                  packing=cfg.packing, pack_length=cfg.pack_length,
                                  self_normalize=cfg.self_normalize)  # forward + backward
-            metrics["grad_norm"] = _clip_gradients(trainable, cfg.max_grad_norm)
+            norm = _clip_gradients(trainable, cfg.max_grad_norm)
             fed = {k: fed[k] + metrics[k] for k in fed}
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             if ema is not None:
                 ema_update(ema, _anchor_state(policy), cfg.eta)
+            metrics["grad_norm"] = float(norm)  # read once the optimizer's kernels are queued
             step += 1
             log.write(step, metrics, time.perf_counter() - t0, sched.get_last_lr()[0])
             if step % cfg.checkpoint_every == 0 or step == len(plan):
@@ -230,10 +231,10 @@ def _batch_plan(rows: list[dict], micro_batch_size: int, grad_accum: int, epochs
 
 
 # ---- one optimizer step (forward + backward: trainer/step.py) -------------------------------
-def _clip_gradients(params: list, max_norm: float) -> float:
-    """Global gradient-norm clip; the norm before clipping (a DTensor under FSDP: gathered)."""
+def _clip_gradients(params: list, max_norm: float) -> torch.Tensor:
+    """Global gradient-norm clip; the norm before clipping, on the device (a DTensor under FSDP: gathered)."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 # ---- logging, checkpoints, the anchor refresh -------------------------------------------------
