@@ -188,3 +188,29 @@ def transformers_name(name: str | None, folder) -> str | None:
 
 def is_varlen(lm) -> bool:
     return getattr(lm.config, "_attn_implementation", None) == NAME
+
+
+def kind(lm) -> str:
+    """The attention a model runs, as a config names it: `varlen`, or transformers' (e.g. `sdpa`)."""
+    return "varlen" if is_varlen(lm) else str(lm.config._attn_implementation)
+
+
+def check_pool(settings: list[dict], lm, precision: str, round_: int) -> None:
+    """Warn (errors.LogAMismatch) when the round's log A was computed with another attention than
+    `lm` runs, under bf16 autocast, where kernels round differently: rho at initialisation is then
+    off by rounding, not 0 (measured, a tiny Qwen2 on this CPU: up to 2.3e-3 nats per completion,
+    varlen against packed SDPA). Under fp32 the kernels agree to ~1e-6: nothing to say. Pools that
+    did not record it (before this setting, or vLLM's) are not compared."""
+    pool = sorted({s["attention"] for s in settings if s.get("attention")})
+    ours = kind(lm)
+    if precision != "bf16-autocast" or not pool or pool == [ours]:
+        return
+    import warnings
+
+    from bond_data.errors import LogAMismatch
+
+    warnings.warn(f"round {round_}: its candidates' log A was computed with {' and '.join(pool)} attention, the "
+                  f"trainer runs {ours}; under bf16-autocast log pi/A at initialisation is then off by rounding "
+                  f"(up to ~2e-3 nats per completion measured for varlen against sdpa), not exactly 1. Generate the "
+                  f"next round with generate.attn_implementation: {ours} (bond rounds sets it from the train section)",
+                  LogAMismatch, stacklevel=2)

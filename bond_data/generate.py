@@ -59,7 +59,8 @@ def generate_shard(store_root: str, plan: dict, anchor: dict, backend: str, samp
     jobs = [PromptJob(**j) for j in plan["jobs"]]
     model = load_backend(backend, anchor["anchor_path"], anchor["anchor_hash"], batch_size, device, engine_args)
     completions = model.generate(jobs, sampling)
-    sampling = replace(sampling, precision=model.precision(sampling))  # the lineage records the resolved policy
+    # the lineage records the resolved policy and the log A pass's attention (vLLM: none)
+    sampling = replace(sampling, precision=model.precision(sampling), attention=getattr(model, "attention", None))
     table = candidate_table(plan["round"], jobs, completions, anchor["anchor_hash"], model.name, sampling)
     write_parquet_atomic(table, out)
     return shard_manifest(root, out, "candidates", plan["shard_id"], round=plan["round"])

@@ -24,6 +24,7 @@ meaning per flag everywhere: `--rm` is a reward-model spec, `--rm-id` its id in 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -168,7 +169,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     try:
         if args.command in CHECKS:  # flags that cannot work are refused before the store is touched
             CHECKS[args.command](args)
-        with _writer_lease(args, argv if argv is not None else sys.argv[1:]):
+        with _writer_lease(args, argv if argv is not None else sys.argv[1:]), _warning_lines():
             return COMMANDS[args.command](args) or 0
     except QueryInterrupted as e:
         print(f"error: {e}", file=sys.stderr)
@@ -185,6 +186,27 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C); what was registered stays registered, a re-run resumes", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _warning_lines():
+    """Our own warnings (bond_data.errors.LogAMismatch) as one `warning:` line each on stderr, not
+    Python's file:line format; any other warning as Python shows it."""
+    import warnings
+
+    from bond_data.errors import LogAMismatch
+
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def line(message, category, *args, **kwargs):
+            if issubclass(category, LogAMismatch):
+                print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+            else:
+                show(message, category, *args, **kwargs)
+
+        warnings.showwarning = line
+        yield
 
 
 def _quiet_prefect(verbose: bool) -> None:
@@ -216,7 +238,6 @@ WRITERS = CREATORS | {"generate", "score", "build", "train", "rounds", "migrate"
 
 
 def _writer_lease(args, argv: list[str]):
-    import contextlib
     import shlex
 
     if args.command not in WRITERS:

@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from bond_data import attention
 from bond_data import precision as precision_policy
 from bond_data.backends.hf import prompt_token_ids
 from bond_data.config import add_config_flags
@@ -92,6 +93,8 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
                          "resume with the same setting")
     anchor = store.anchor(cfg.round)
     policy, tokenizer = _load_trainable(anchor["anchor_path"], None if sharded_resume else resume, cfg, device)
+    if rank == 0:
+        attention.check_pool(store.sampling_settings(cfg.round), policy, precision, cfg.round)
     precision_policy.fp32_head(policy)  # the chunked head computes in fp32 anyway; this covers head.forward
     model = _wrap(policy, cfg, device, world)  # SequenceLogprobs, under FSDP2 / DDP when distributed
     ema = _anchor_copy(policy, getattr(torch, cfg.anchor_dtype)) if cfg.eta > 0 else None

@@ -18,6 +18,9 @@ class Sampling:
     # bond_data.precision: the policy log A is computed under (transformers backend; auto = by device).
     # A shard records the resolved one, so the trainer can follow it.
     precision: str = "auto"
+    # the attention the transformers backend's teacher-forced log A pass ran (`varlen` or the model's
+    # own, e.g. `sdpa`); recorded by the shard, for the trainer to compare with its own (None: not recorded)
+    attention: str | None = None
 
 
 @dataclass

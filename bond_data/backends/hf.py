@@ -183,6 +183,11 @@ class TransformersBackend:
     def precision(self, sampling: Sampling) -> str:
         return precision_policy.resolve(sampling.precision, self.device)
 
+    @property
+    def attention(self) -> str:
+        """The attention of the teacher-forced log A pass: `varlen` or the model's own (e.g. `sdpa`)."""
+        return attention.kind(self.model)
+
     def render(self, job: PromptJob) -> list[int]:
         return prompt_token_ids(self.tokenizer, job.prompt, job.messages)
 

@@ -110,3 +110,17 @@ def test_bond_sql_gives_the_caller_its_signal_mask_back(store, capsys):
     before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
     assert main(["sql", "--store", str(store.root), "SELECT 1 AS one"]) == 0
     assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before
+
+
+def test_our_warnings_print_as_one_warning_line_and_others_as_python_shows_them(capsys):
+    import warnings
+
+    from bond_data.errors import LogAMismatch
+    from flows.cli import _warning_lines
+
+    with pytest.warns(UserWarning, match="something else") as shown:  # what Python (here pytest) shows
+        with _warning_lines():
+            warnings.warn("round 0: log A attended\n   otherwise", LogAMismatch)
+            warnings.warn("something else", UserWarning)
+    assert capsys.readouterr().err == "warning: round 0: log A attended otherwise\n"
+    assert [w.category for w in shown] == [UserWarning]

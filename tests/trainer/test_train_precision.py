@@ -7,17 +7,19 @@ recorded policy and refuses another one, writing nothing."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 from testutil import run_generation, run_scoring, tree_digest
+from tiny_lms import tiny_lm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bond_data import build
+from bond_data import attention, build, stages
 from bond_data import precision as precision_policy
 from bond_data.backends.base import PromptJob, Sampling
 from bond_data.backends.hf import TransformersBackend, prompt_token_ids
-from bond_data.errors import StoreError
+from bond_data.errors import LogAMismatch, StoreError
 from trainer import checkpoints
 from trainer import train as train_mod
 from trainer.config import TrainConfig
@@ -138,3 +140,30 @@ def test_the_trainer_follows_the_pools_policy_and_refuses_another(round0):
     assert result["precision"] == "fp32" and result["pool_precision"] == "fp32"
     config = json.loads(round0.query("SELECT config FROM rounds WHERE round = 1").column(0)[0].as_py())
     assert config["precision"] == "fp32"  # the anchor registration records what trained it
+
+
+# ---- lineage: the pool records the attention of its log A pass; the trainer says when it differs ----
+@pytest.mark.slow  # generate (bf16), score, build and train
+def test_the_trainer_warns_when_the_pools_log_a_attended_otherwise(store):
+    stages.generate_round(store, 0, 4, Sampling(max_new_tokens=6, precision="bf16-autocast"), 4, batch_size=16)
+    run_scoring(store)
+    build.build_dataset(store, 0, n=2)
+    assert [(s["precision"], s["attention"]) for s in store.sampling_settings(0)] == [("bf16-autocast", "sdpa")]
+    cfg = TrainConfig(micro_batch_size=8, epochs=1, warmup_steps=1, precision="bf16-autocast", attn_implementation="varlen")
+    with pytest.warns(LogAMismatch, match="round 0: its candidates' log A was computed with sdpa attention, the "
+                      "trainer runs varlen"):
+        assert train_mod.train(str(store.root), cfg)["precision"] == "bf16-autocast"
+
+
+def test_the_attention_check_speaks_only_under_bf16_and_of_recorded_pools():
+    sdpa, varlen = tiny_lm(), tiny_lm()
+    varlen.set_attn_implementation(attention.register())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LogAMismatch)
+        for settings, lm, precision in [([{"attention": "sdpa"}], sdpa, "bf16-autocast"),  # the same
+                                        ([{"attention": "sdpa"}], varlen, "fp32"),  # kernels agree to ~1e-6
+                                        ([{"precision": "bf16-autocast"}], varlen, "bf16-autocast"),  # not recorded
+                                        ([{"attention": "varlen"}], varlen, "bf16-autocast")]:
+            attention.check_pool(settings, lm, precision, 0)
+    with pytest.warns(LogAMismatch, match="round 3: .* computed with sdpa and varlen attention, the trainer runs varlen"):
+        attention.check_pool([{"attention": "varlen"}, {"attention": "sdpa"}], varlen, "bf16-autocast", 3)
