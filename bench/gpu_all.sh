@@ -9,7 +9,8 @@
 #      the waits found inside transformers);
 #   3. rho at initialisation with generator and trainer on varlen (bench/gpu_precision.py --generator-attn
 #      varlen --trainer-attn varlen);
-#   4. the LM head alone (bench/head.py: before, now, fused logsumexp, bf16 backward), the best
+#   4. the LM head alone (bench/head.py: before, now, fused logsumexp, bf16 backward; then the fused
+#      backward softmax against the head before it, both fused with the bf16 backward), the best
 #      variants with 2,048-token head chunks (logprob_chunk; wider matmuls), and a profile of the
 #      varlen + compile step;
 #   then what earlier runs measured (bench/gpu/): before / after issue 12 and the head in IEEE fp32,
@@ -39,6 +40,7 @@ part() { local limit=$1; shift; echo "== $* (limit ${limit} s)"; local t=$SECOND
   part 70 $py bench/gpu_precision.py --shapes tiny,qwen2-0.5b --prompts 32 --k 4 --new-tokens 128 \
     --generator-attn varlen --trainer-attn varlen --cases bf16-autocast:tf32:packed,fp32:strict:packed
   part 45 $py bench/head.py --device cuda --before .whl/old_logprobs.py
+  part 45 $py bench/head.py --device cuda --before .whl/unfused_softmax_logprobs.py --before-options
   part 100 $py bench/train_step.py --device cuda --chunk 2048 --variants varlen-compile-1mb,varlen-compile-bf16bwd
   part 100 $py bench/train_step.py --device cuda --variants varlen-compile --profile 25
   part 140 $py bench/train_step.py --device cuda --variants before,strict-head

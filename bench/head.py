@@ -7,6 +7,8 @@ inputs, interleaved, best of `--repeats`; the log-probs must agree, the gradient
     python bench/head.py --quick [--fused] [--bf16-backward]      # CPU, small
     python bench/head.py --device cuda --before .whl/old_logprobs.py   # on a lent GPU machine (no .git
         # there): here first `git show 631d2d3:bond_data/logprobs.py > .whl/old_logprobs.py`, carry [".whl"]
+    python bench/head.py --quick --fused --bf16-backward --before adaeb75 --before-options
+        # the fused backward softmax against the commit before it, both on the last variant's options
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def main() -> None:
     ap.add_argument("--fused", action="store_true", help="on the CPU too: the compiled-logsumexp variant")
     ap.add_argument("--bf16-backward", action="store_true",
                     help="on the CPU too: every variant under bf16 autocast, and the head's backward in bf16")
+    ap.add_argument("--before-options", action="store_true",
+                    help="`before` with the last variant's fused_lse / bf16_backward (a `before` that has them)")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -51,6 +55,8 @@ def main() -> None:
         variants["now, fused_lse (compile: true)"] = (now, {"fused_lse": True})
     if cuda or args.bf16_backward:  # under bf16 autocast (on the CPU too, with the flag)
         variants["fused_lse + bf16 backward"] = (now, {"fused_lse": cuda or args.fused, "bf16_backward": True})
+    if args.before_options:  # time one change to the fused / bf16 path itself
+        variants["before"] = (variants["before"][0], dict(list(variants.values())[-1][1]))
 
     def run(variant):
         mod, kw = variant

@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny_lms import grads, random_rows, tiny_lm
 
+from bond_data import logprobs
 from bond_data.logprobs import (SequenceLogprobs, batch_logprobs, chunked_token_logprobs, completion_logprobs,
                                 full_logits_logprobs)
 from bond_data.packing import collate_packed, collate_padded, pack_bins
@@ -85,21 +86,30 @@ def test_chunked_token_logprobs_and_gradients_match_log_softmax_with_bias_and_so
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_the_compiled_logsumexp_gives_the_same_logprobs_and_gradients():
-    """fused_lse (the trainer's compile: true): the forward's logsumexp compiled, against eager, chunks
-    of uneven size included (13 rows in chunks of 4), with and without soft-capping."""
+@pytest.mark.parametrize("bf16_backward", [False, True])
+def test_the_compiled_head_passes_give_the_same_logprobs_and_gradients(bf16_backward):
+    """fused_lse (the trainer's compile: true): the forward's logsumexp and the backward's softmax
+    compiled, against eager, chunks of uneven size included (13 rows in chunks of 4), with and without
+    soft-capping and a bias; with bf16_backward (under bf16 autocast) the fused softmax comes out in
+    bf16 directly, where eager rounds its fp32 softmax: the same to bf16 rounding."""
     g = torch.Generator().manual_seed(3)
     hidden, weight = torch.randn(13, 8, generator=g), torch.randn(50, 8, generator=g)
+    bias = torch.randn(50, generator=g)
     targets, coef = torch.randint(0, 50, (13,), generator=g), torch.randn(13, generator=g)
-    for softcap in (None, 3.0):
+    tol = 1e-3 if bf16_backward else 1e-6  # measured: 0 (the same bf16 values here) and 1e-7
+    for softcap, with_bias in ((None, False), (3.0, False), (None, True)):
         got = []
         for fused in (False, True):
-            leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
-            logp = chunked_token_logprobs(*leaves[:1], targets, leaves[1], chunk=4, softcap=softcap, fused_lse=fused)
-            got.append((logp.detach(), torch.autograd.grad((logp * coef).sum(), leaves)))
+            leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_backward):
+                logp = chunked_token_logprobs(leaves[0], targets, leaves[1], leaves[2] if with_bias else None, chunk=4,
+                                              softcap=softcap, fused_lse=fused, bf16_backward=bf16_backward)
+            grads = torch.autograd.grad((logp * coef).sum(), leaves if with_bias else leaves[:2])
+            got.append((logp.detach(), grads))
         torch.testing.assert_close(got[1][0], got[0][0], rtol=0, atol=1e-5)
         for a, b in zip(got[1][1], got[0][1]):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            assert float((a - b).norm() / b.norm()) < tol
+    assert logprobs._FUSED_SOFTMAX is not None  # the backward went through the compiled softmax
 
 
 def test_a_frozen_head_gets_no_gradient_and_the_rest_the_same():
