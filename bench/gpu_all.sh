@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU figure of the README in one run on a lent GPU machine, those never measured first. Each
 # part has its own time limit, so a slow one cannot starve the others:
-#   1. the training step with attn_implementation varlen (bench/train_step.py): after vs compile vs
-#      varlen, varlen + compile, that in one micro-batch, and with the head's backward in bf16 (the
-#      MFU figures, never measured);
+#   1. the training step (bench/train_step.py; since the last GPU run the step no longer waits for the
+#      GPU inside, collates 5-8x faster and, compiled, fuses the head's backward softmax): after and
+#      compile (against the last run's figures), varlen + compile, and all of varlen + compile + one
+#      micro-batch + the head's backward in bf16 (the best guess); then varlen alone, with one
+#      micro-batch, with the bf16 backward (the MFU figures, never measured);
 #   2. the GPU tests: torch's varlen kernel against the row-by-row reference, static-compiled
 #      decoding against dynamic, the training step's waits for the GPU (pytest -m gpu; -s prints
 #      the waits found inside transformers);
@@ -34,14 +36,15 @@ part() { local limit=$1; shift; echo "== $* (limit ${limit} s)"; local t=$SECOND
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
   $py -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
-  part 380 $py bench/train_step.py --device cuda --variants after,compile,varlen,varlen-compile,varlen-compile-1mb,varlen-compile-bf16bwd
+  part 270 $py bench/train_step.py --device cuda --variants after,compile,varlen-compile,varlen-compile-1mb-bf16bwd
+  part 200 $py bench/train_step.py --device cuda --variants varlen,varlen-compile-1mb,varlen-compile-bf16bwd
   part 100 $py -m pytest -q -s -p no:cacheprovider -m gpu tests/bond_data/test_attention.py \
     tests/bond_data/backends/test_hf_decoding.py tests/trainer/test_step_sync.py
   part 70 $py bench/gpu_precision.py --shapes tiny,qwen2-0.5b --prompts 32 --k 4 --new-tokens 128 \
     --generator-attn varlen --trainer-attn varlen --cases bf16-autocast:tf32:packed,fp32:strict:packed
   part 45 $py bench/head.py --device cuda --before .whl/old_logprobs.py
   part 45 $py bench/head.py --device cuda --before .whl/unfused_softmax_logprobs.py --before-options
-  part 100 $py bench/train_step.py --device cuda --chunk 2048 --variants varlen-compile-1mb,varlen-compile-bf16bwd
+  part 100 $py bench/train_step.py --device cuda --chunk 2048 --variants varlen-compile-1mb-bf16bwd,varlen-compile-bf16bwd
   part 100 $py bench/train_step.py --device cuda --variants varlen-compile --profile 25
   part 140 $py bench/train_step.py --device cuda --variants before,strict-head
   part 70 $py bench/gpu_precision.py --shapes tiny,qwen2-0.5b --prompts 32 --k 4 --new-tokens 128 \

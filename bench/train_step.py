@@ -49,7 +49,8 @@ VARIANTS = {"before": ("before", ()), "after": ("after", ()), "compile": ("after
             "liger-compile": ("after", ("--liger", "--compile")), "varlen": ("after", ("--varlen",)),
             "varlen-compile": ("after", ("--varlen", "--compile")),
             "varlen-compile-1mb": ("after", ("--varlen", "--compile", "--one-micro-batch")),
-            "varlen-compile-bf16bwd": ("after", ("--varlen", "--compile", "--head-bf16-backward"))}
+            "varlen-compile-bf16bwd": ("after", ("--varlen", "--compile", "--head-bf16-backward")),
+            "varlen-compile-1mb-bf16bwd": ("after", ("--varlen", "--compile", "--one-micro-batch", "--head-bf16-backward"))}
 SIZES = {  # model shape, rows per micro-batch, micro-batches per step, completion lengths, prompt lengths
     "cpu-quick": dict(hidden=128, inter=384, layers=2, rows=8, micro=1, completion=(32, 160), prompt=(16, 32), steps=2),
     "cpu": dict(hidden=256, inter=704, layers=4, rows=8, micro=1, completion=(128, 384), prompt=(32, 64), steps=3),
