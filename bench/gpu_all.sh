@@ -16,7 +16,8 @@
 #      variants with 2,048-token head chunks (logprob_chunk; wider matmuls), and a profile of the
 #      varlen + compile step;
 #   then what earlier runs measured (bench/gpu/): before / after issue 12 and the head in IEEE fp32,
-#   rho under each policy, decoding paths vs plain generate and the bandwidth limit, activation
+#   rho under each policy, decoding paths vs plain generate and the bandwidth limit (now with a profile
+#   of ours and plain generate: where ours's 0.68-0.77x goes, never traced), activation
 #   checkpointing, FSDP2 (one process, NCCL), Liger, flex_attention with compile.
 # A 600 s call ends in the second group; what it cuts was measured before.
 # Everything printed also lands in $OUT/gpu.txt (the tool's output folder; /tmp
@@ -49,7 +50,7 @@ part() { local limit=$1; shift; echo "== $* (limit ${limit} s)"; local t=$SECOND
   part 140 $py bench/train_step.py --device cuda --variants before,strict-head
   part 70 $py bench/gpu_precision.py --shapes tiny,qwen2-0.5b --prompts 32 --k 4 --new-tokens 128 \
     --cases bf16-autocast:tf32:packed,bf16-autocast:tf32:padded,fp32:strict:packed
-  part 140 $py bench/gpu_generate.py --shape qwen2-0.5b --prompts 32 --k 8 --new-tokens 128 --batch-size 256
+  part 200 $py bench/gpu_generate.py --shape qwen2-0.5b --prompts 32 --k 8 --new-tokens 128 --batch-size 256 --profile 25
   part 150 $py bench/train_step.py --device cuda --variants checkpointing,fsdp,liger
   part 120 $py bench/train_step.py --device cuda --attn flex_attention --variants compile
 } 2>&1 | grep --line-buffered -v "Loading weights\|Writing model shards" | tee "$out/gpu.txt"

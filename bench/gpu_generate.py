@@ -134,6 +134,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="16 prompts x k=4, 16 new tokens, batch 32")
     ap.add_argument("--paths", help="comma-separated subset of hf/dynamic, ours/dynamic, ours/static, "
                     "ours/static-compiled, hf/static-compiled (default: all; hf/dynamic and ours/dynamic always run)")
+    ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                    help="after the timings, profile one more run of hf/dynamic and of ours/dynamic and print each "
+                         "one's top ROWS ops by device time (CPU time off a GPU): where ours spends what plain does not")
     args = ap.parse_args()
     if args.quick:
         args.prompts, args.k, args.new_tokens, args.batch_size = 16, 4, 16, 32
@@ -213,6 +216,22 @@ def main() -> None:
     best = max((k for k in results if k.startswith("ours/")), key=results.get)
     print(f"fastest of ours: {best}, {results[best] / results['hf/dynamic']:.2f}x plain batched generate (hf/dynamic)"
           + (f", {results[best] / bound:.1%} of the bandwidth limit" if bound else ""))
+    if args.profile:
+        profile_runs({label: runs[label] for label in ("hf/dynamic", "ours/dynamic")}, cuda, args.profile)
+
+
+def profile_runs(runs: dict, cuda: bool, rows: int) -> None:
+    """Each run once under torch.profiler: its top ops by device time (CPU time off a GPU), and its totals."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    for label, fn in runs.items():
+        with profile(activities=activities) as prof:
+            fn()
+            sync()
+        sort = "cuda_time_total" if cuda else "cpu_time_total"
+        print(f"== profile of {label}")
+        print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60))
 
 if __name__ == "__main__":
     main()
