@@ -5,7 +5,7 @@
 #      GPU inside, collates 5-8x faster and, compiled, fuses the head's backward softmax): after and
 #      compile (against the last run's figures), varlen + compile, and all of varlen + compile + one
 #      micro-batch + the head's backward in bf16 (the best guess); then varlen alone, with one
-#      micro-batch, with the bf16 backward (the MFU figures, never measured);
+#      micro-batch, with the bf16 backward (the MFU figures, never measured); a profile of the best guess;
 #   2. the GPU tests: torch's varlen kernel against the row-by-row reference, static-compiled
 #      decoding against dynamic, the training step's waits for the GPU (pytest -m gpu; -s prints
 #      the waits found inside transformers);
@@ -13,13 +13,13 @@
 #      varlen --trainer-attn varlen);
 #   4. the LM head alone (bench/head.py: before, now, fused logsumexp, bf16 backward; then the fused
 #      backward softmax against the head before it, both fused with the bf16 backward), the best
-#      variants with 2,048-token head chunks (logprob_chunk; wider matmuls), and a profile of the
-#      varlen + compile step;
+#      variants with 2,048-token head chunks (logprob_chunk; wider matmuls);
 #   then what earlier runs measured (bench/gpu/): before / after issue 12 and the head in IEEE fp32,
 #   rho under each policy, decoding paths vs plain generate and the bandwidth limit (now with a profile
 #   of ours and plain generate: where ours's 0.68-0.77x goes, never traced), activation
 #   checkpointing, FSDP2 (one process, NCCL), Liger, flex_attention with compile.
-# A 600 s call ends in the second group; what it cuts was measured before.
+# A 590 s call ends around part 4 (the first three parts, at most 570 s by their limits, are what matter
+# most); a second call `bash bench/gpu_all.sh 4` takes the next ones; what neither reaches was measured before.
 # Everything printed also lands in $OUT/gpu.txt (the tool's output folder; /tmp
 # elsewhere). bench/gpu/ keeps the logs of past runs.
 #
@@ -28,17 +28,22 @@
 # static` under bf16 autocast needs it). Once, here: `bash scripts/gpu_wheels.sh` (41 MB into .whl/,
 # git-ignored). Then run (carry [".whl"], timeout_s 590):
 #     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site bash bench/gpu_all.sh
+# Each part prints its number; `bash bench/gpu_all.sh N` starts at part N (a second call picks up where
+# the first one's time ran out).
 set -uo pipefail
 out=${OUT:-/tmp}
+first=${1:-1} n=0
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 py=$(command -v python3)
-part() { local limit=$1; shift; echo "== $* (limit ${limit} s)"; local t=$SECONDS
+part() { n=$((n + 1)); [ "$n" -ge "$first" ] || return 0
+         local limit=$1; shift; echo "== part $n: $* (limit ${limit} s)"; local t=$SECONDS
          timeout -k 5 "$limit" "$@"; echo "== rc $? after $((SECONDS - t)) s"; }
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
   $py -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
   part 270 $py bench/train_step.py --device cuda --variants after,compile,varlen-compile,varlen-compile-1mb-bf16bwd
   part 200 $py bench/train_step.py --device cuda --variants varlen,varlen-compile-1mb,varlen-compile-bf16bwd
+  part 100 $py bench/train_step.py --device cuda --variants varlen-compile-1mb-bf16bwd --profile 25
   part 100 $py -m pytest -q -s -p no:cacheprovider -m gpu tests/bond_data/test_attention.py \
     tests/bond_data/backends/test_hf_decoding.py tests/trainer/test_step_sync.py
   part 70 $py bench/gpu_precision.py --shapes tiny,qwen2-0.5b --prompts 32 --k 4 --new-tokens 128 \
@@ -46,7 +51,6 @@ part() { local limit=$1; shift; echo "== $* (limit ${limit} s)"; local t=$SECOND
   part 45 $py bench/head.py --device cuda --before .whl/old_logprobs.py
   part 45 $py bench/head.py --device cuda --before .whl/unfused_softmax_logprobs.py --before-options
   part 100 $py bench/train_step.py --device cuda --chunk 2048 --variants varlen-compile-1mb-bf16bwd,varlen-compile-bf16bwd
-  part 100 $py bench/train_step.py --device cuda --variants varlen-compile --profile 25
   part 140 $py bench/train_step.py --device cuda --variants before,strict-head
   part 70 $py bench/gpu_precision.py --shapes tiny,qwen2-0.5b --prompts 32 --k 4 --new-tokens 128 \
     --cases bf16-autocast:tf32:packed,bf16-autocast:tf32:padded,fp32:strict:packed
