@@ -11,8 +11,9 @@
 #      the waits found inside transformers);
 #   3. rho at initialisation with generator and trainer on varlen (bench/gpu_precision.py --generator-attn
 #      varlen --trainer-attn varlen);
-#   4. the LM head alone (bench/head.py: before, now, fused logsumexp, bf16 backward; then the fused
-#      backward softmax against the head before it, both fused with the bf16 backward), the best
+#   4. the LM head alone (bench/head.py: before, now, fused logsumexp and softmax, bf16 backward; then
+#      the backward over vocabulary slices against the one over token chunks, both fused with the
+#      bf16 backward), the best
 #      variants with 2,048-token head chunks (logprob_chunk; wider matmuls);
 #   then what earlier runs measured (bench/gpu/): before / after issue 12 and the head in IEEE fp32,
 #   rho under each policy, decoding paths vs plain generate and the bandwidth limit (now with a profile
@@ -49,7 +50,7 @@ part() { n=$((n + 1)); [ "$n" -ge "$first" ] || return 0
   part 70 $py bench/gpu_precision.py --shapes tiny,qwen2-0.5b --prompts 32 --k 4 --new-tokens 128 \
     --generator-attn varlen --trainer-attn varlen --cases bf16-autocast:tf32:packed,fp32:strict:packed
   part 45 $py bench/head.py --device cuda --before .whl/old_logprobs.py
-  part 45 $py bench/head.py --device cuda --before .whl/unfused_softmax_logprobs.py --before-options
+  part 45 $py bench/head.py --device cuda --before .whl/token_chunked_logprobs.py --before-options
   part 100 $py bench/train_step.py --device cuda --chunk 2048 --variants varlen-compile-1mb-bf16bwd,varlen-compile-bf16bwd
   part 140 $py bench/train_step.py --device cuda --variants before,strict-head
   part 70 $py bench/gpu_precision.py --shapes tiny,qwen2-0.5b --prompts 32 --k 4 --new-tokens 128 \

@@ -8,8 +8,9 @@ function on both sides of rho = pi / A.
 computed without the [tokens, vocab] logits or their fp32 log-softmax: the decoder's last hidden
 states are taken only at the M positions that predict completion tokens, and the head runs over
 them in chunks of `chunk` tokens (a custom autograd Function, as Liger's fused linear
-cross-entropy), so the forward keeps nothing of size V and the backward recomputes one chunk's
-[chunk, V] logits at a time and turns them into their gradient in place. At a 150k
+cross-entropy), so the forward keeps nothing of size V but each token's logsumexp, and the backward
+recomputes the logits one slice of the vocabulary at a time, [M, slice], and turns them into their
+gradient in place (as Cut Cross-Entropy does: each slice's rows of d W are then written once). At a 150k
 vocabulary that is the difference between gigabytes and a few hundred megabytes per micro-batch.
 Models whose head is not a plain linear layer (other than Gemma-2's final logit soft-capping,
 handled here) would need their own head function.
@@ -96,11 +97,12 @@ def _chunk_logits(hidden, weight, bias, softcap):
 
 class _ChunkedLogprobs(torch.autograd.Function):
     """log softmax(W h)[target] per row, chunk by chunk. The forward keeps each row's logsumexp
-    (lse, [M]); the backward recomputes one chunk's logits, turns them in place into softmax =
-    exp(logits - lse) (two passes over [chunk, V], no max / sum / divide passes), and takes the
-    one-hot part of d logp / d logits = onehot - softmax as a gather / index_add of rows of W and h,
-    so one [chunk, V] fp32 buffer is the peak (two with soft-capping); d W accumulates over the
-    chunks in one buffer. Per token t with upstream gradient g_t:
+    (lse, [M]); the backward recomputes the logits of one slice of the vocabulary for every row,
+    turns them in place into softmax = exp(logits - lse) (no max / sum / divide passes), and takes
+    the one-hot part of d logp / d logits = onehot - softmax as a gather / index_add of rows of W and
+    h, so one [M, slice] fp32 buffer, as large as a forward chunk's [chunk, V], is the peak (two
+    with soft-capping); d h sums over the slices, [M, H], and each slice's rows of d W are written
+    once (`_backward_chunks`). Per token t with upstream gradient g_t:
         d h_t = g_t (W[y_t] - softmax_t W),   d W = sum_t g_t (onehot_t - softmax_t)^T h_t.
 
     Called under CUDA autocast (the bf16-autocast policy on a GPU), its matmuls, forward and
@@ -137,59 +139,58 @@ def _forward_chunks(out, lse, hidden, targets, weight, bias, chunk, softcap, log
 
 
 def _backward_chunks(ctx, grad_out):
-    """The chunks' gradients; with `ctx.bf16` (`bf16_backward` under bf16 autocast) the three matmuls
-    per chunk (recomputed logits, d h, d W) run in bf16, inputs and products (fp32 accumulation
-    inside), as autocast runs every other layer's backward, while the softmax (from the forward's
-    fp32 lse) and the sums over chunks stay fp32."""
+    """The gradients, over slices of the vocabulary: the forward saved each token's logsumexp, so the
+    softmax of a slice needs only that slice's logits, [M, slice] for all M tokens at once. Each
+    slice's rows of d W (and d bias) are then complete, written once, and what sums over the slices
+    is d h, [M, H]: at a 151,936 x 896 head and M = 10,240 tokens, 37 MB read and written per slice
+    instead of the 544 MB fp32 d W buffer per chunk of tokens. (Slices as many as the forward's
+    chunks, so the [M, slice] buffer is as large as its [chunk, V] one.) With `ctx.bf16`
+    (`bf16_backward` under bf16 autocast) the three matmuls per slice run on bf16 inputs, as autocast
+    runs every other layer's backward, while the softmax (from the forward's fp32 lse) and the sums
+    stay fp32; with `ctx.fused` the softmax is one compiled kernel per slice."""
     hidden, targets, weight, bias, lse = ctx.saved_tensors
     need_h, _, need_w, need_b = ctx.needs_input_grad[:4]  # a frozen head (LoRA) gets no [V, H] buffer
-    grad_hidden = torch.empty_like(hidden) if need_h else None
-    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-    grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-    w = weight.float()
-    low = torch.bfloat16 if ctx.bf16 else None  # the matmuls' input dtype (None: fp32, as the forward)
-    w_mm = w if low is None else weight.to(low)
-    mm = (lambda a, b: a @ b) if low is None else (lambda a, b: (a.to(low) @ b.to(low)).float())
+    m, vocab = hidden.shape[0], weight.shape[0]
+    low = torch.bfloat16 if ctx.bf16 else torch.float32  # the matmuls' input dtype
+    h, w, g, y = hidden.float(), weight.float(), grad_out[:, None], targets
+    h_mm, w_mm = h.to(low), w.to(low)
+    gh = None if ctx.softcap else (g * h).to(low)  # [M, H]: the softmax part of d W is -softmax^T (g h)
     softmax = _softmax(ctx.fused)
-    for s in range(0, hidden.shape[0], ctx.chunk):
-        h, y, g = hidden[s : s + ctx.chunk].float(), targets[s : s + ctx.chunk], grad_out[s : s + ctx.chunk, None]
-        raw = h @ w.T if low is None else h.to(low) @ w_mm.T  # [c, V]: fp32, or bf16 with ctx.bf16
+    slices = -(-m // ctx.chunk)
+    width = -(-vocab // slices)
+    softmax_w = torch.zeros_like(h) if need_h else None  # sum over slices of softmax @ W (soft-capped: of d @ W)
+    grad_weight = torch.empty_like(w) if need_w else None
+    grad_bias = torch.empty_like(bias, dtype=torch.float32) if need_b else None
+    for v0 in range(0, vocab, width):
+        v1 = min(vocab, v0 + width)
+        raw = h_mm @ w_mm[v0:v1].T  # [M, slice], in `low`
         if bias is not None or ctx.softcap:
             raw = raw.float()
         if bias is not None:
-            raw.add_(bias.float())
-        if ctx.softcap:  # through cap * tanh(z / cap): d = (onehot - softmax) * (1 - tanh^2), times g
+            raw.add_(bias[v0:v1].float())
+        if ctx.softcap:  # through cap * tanh(z / cap): d = (softmax - onehot) * g * (1 - tanh^2), minus the gradient
             squash = torch.tanh(raw / ctx.softcap)
-            d = (squash * ctx.softcap).sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-g)
-            d.scatter_add_(-1, y[:, None], g).mul_(squash.square_().neg_().add_(1))
-            gh = None
-        else:  # the softmax (in bf16 straight away with ctx.bf16); the one-hot part through rows of W and h
-            d = softmax(raw, lse[s : s + ctx.chunk])  # in raw's dtype: bf16 with ctx.bf16 (no bias)
-            gh = g * h  # [c, H]
-        d_mm = d if low is None else d.to(low)  # one [c, V] bf16 copy feeds both matmuls (none if d is bf16)
-        if need_h:  # fp32: accumulated into their buffers by addmm, no [V, H] temporary per chunk
-            if gh is None:
-                d_h = mm(d_mm, w_mm)
-            elif low is None:
-                d_h = torch.addmm(w[y], d, w, alpha=-1).mul_(g)  # [c, H]
-            else:
-                d_h = w[y].sub_(mm(d_mm, w_mm)).mul_(g)
-            grad_hidden[s : s + ctx.chunk] = d_h.to(hidden.dtype)
+            d = (squash * ctx.softcap).sub_(lse[:, None]).exp_().mul_(g)
+            inside = (y >= v0) & (y < v1)  # tokens whose target falls in this slice: no host sync
+            d.scatter_add_(-1, (y - v0).clamp_(0, v1 - v0 - 1)[:, None], -(g * inside[:, None]))
+            d.mul_(squash.square_().neg_().add_(1))
+        else:  # the softmax; the one-hot part, through rows of W and h, comes after the slices
+            d = softmax(raw, lse)  # in raw's dtype
+        d_mm = d.to(low)
+        if need_h:
+            softmax_w.add_(d_mm @ w_mm[v0:v1])
+        if need_w:  # d is the softmax (times g, folded in, when soft-capped): this slice's rows, once
+            grad_weight[v0:v1] = (d_mm.T @ (h_mm if ctx.softcap else gh)).float().neg_()
+        if need_b:
+            grad_bias[v0:v1] = d.float().sum(0).neg_() if ctx.softcap else (d.float().T @ g[:, 0]).neg_()
+    if not ctx.softcap:  # d logp / d logits = onehot - softmax: the one-hot part
         if need_w:
-            if low is None:
-                if gh is None:
-                    grad_weight.addmm_(d.T, h)
-                else:
-                    grad_weight.addmm_(d.T, gh, alpha=-1).index_add_(0, y, gh)
-            elif gh is None:  # bf16: one [V, H] bf16 product per chunk, added into the fp32 buffer
-                grad_weight.add_(d_mm.T @ h.to(low))
-            else:
-                grad_weight.sub_(d_mm.T @ gh.to(low)).index_add_(0, y, gh)
-        if need_b:  # a biased head (rare) reads the softmax in fp32
-            if gh is None:
-                grad_bias.add_(d.sum(0))
-            else:
-                grad_bias.addmv_(d.float().T, g[:, 0], alpha=-1).index_add_(0, y, g[:, 0])
+            grad_weight.index_add_(0, y, g * h)
+        if need_b:
+            grad_bias.index_add_(0, y, g[:, 0])
+    grad_hidden = None
+    if need_h:
+        grad_hidden = (-softmax_w if ctx.softcap else (w[y] - softmax_w).mul_(g)).to(hidden.dtype)
     cast = lambda grad, like: None if grad is None else grad.to(like.dtype)
     return grad_hidden, None, cast(grad_weight, weight), cast(grad_bias, bias), None, None, None, None
 

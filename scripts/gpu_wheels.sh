@@ -18,5 +18,5 @@ ver() { .venv/bin/python -c "import importlib.metadata as m; print(m.version('$1
   "typing_inspection==$(ver typing_inspection)" "typing_extensions==$(ver typing_extensions)" \
   "liger-kernel==0.8.5"  # bench/train_step.py's liger variants only (Triton kernels; not a dependency)
 git show 631d2d3:bond_data/logprobs.py > .whl/old_logprobs.py  # bench/head.py --before, where git is not at hand
-git show adaeb75:bond_data/logprobs.py > .whl/unfused_softmax_logprobs.py  # the head before its fused backward softmax
+git show 0a2cb8f:bond_data/logprobs.py > .whl/token_chunked_logprobs.py  # the head before its vocabulary-sliced backward
 du -sh .whl && ls .whl
