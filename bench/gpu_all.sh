@@ -7,8 +7,8 @@
 #      micro-batch + the head's backward in bf16 (the best guess); then varlen alone, with one
 #      micro-batch, with the bf16 backward (the MFU figures, never measured); a profile of the best guess;
 #   2. the GPU tests: torch's varlen kernel against the row-by-row reference, static-compiled
-#      decoding against dynamic, the training step's waits for the GPU (pytest -m gpu; -s prints
-#      the waits found inside transformers);
+#      decoding against dynamic, the training step's waits for the GPU (-s prints the waits found
+#      inside transformers), the LM head against float64 at a 151,936 vocabulary (pytest -m gpu);
 #   3. rho at initialisation with generator and trainer on varlen (bench/gpu_precision.py --generator-attn
 #      varlen --trainer-attn varlen);
 #   4. the LM head alone (bench/head.py: before, now, fused logsumexp and softmax, bf16 backward; then
@@ -46,7 +46,7 @@ part() { n=$((n + 1)); [ "$n" -ge "$first" ] || return 0
   part 200 $py bench/train_step.py --device cuda --variants varlen,varlen-compile-1mb,varlen-compile-bf16bwd
   part 100 $py bench/train_step.py --device cuda --variants varlen-compile-1mb-bf16bwd --profile 25
   part 100 $py -m pytest -q -s -p no:cacheprovider -m gpu tests/bond_data/test_attention.py \
-    tests/bond_data/backends/test_hf_decoding.py tests/trainer/test_step_sync.py
+    tests/bond_data/backends/test_hf_decoding.py tests/trainer/test_step_sync.py tests/bond_data/test_logprobs.py
   part 70 $py bench/gpu_precision.py --shapes tiny,qwen2-0.5b --prompts 32 --k 4 --new-tokens 128 \
     --generator-attn varlen --trainer-attn varlen --cases bf16-autocast:tf32:packed,fp32:strict:packed
   part 45 $py bench/head.py --device cuda --before .whl/old_logprobs.py

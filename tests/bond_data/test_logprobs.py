@@ -154,3 +154,28 @@ def test_the_bf16_backward_keeps_the_values_and_gives_bf16_close_gradients(softc
         assert rel(ref, want) < 1e-5 and 1e-5 < rel(got, want) < 2e-2
     plain, plain_bf16 = run(False, False), run(True, False)
     assert all(torch.equal(a, b) for a, b in zip(plain[1], plain_bf16[1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fused,bf16_backward", [(False, False), (True, False), (True, True)])
+def test_the_head_on_a_gpu_against_float64(fused, bf16_backward):
+    """The chunked head on CUDA under bf16 autocast (TF32 matmuls; the backward over vocabulary
+    slices, compiled softmax, bf16 matmuls): log-probs and gradients against float64 autograd, at a
+    real vocabulary (151,936) and enough tokens for several slices."""
+    g = torch.Generator("cuda").manual_seed(0)
+    hidden = torch.randn(1500, 256, generator=g, device="cuda")
+    weight = torch.randn(151936, 256, generator=g, device="cuda") / 16
+    targets = torch.randint(0, 151936, (1500,), generator=g, device="cuda")
+    coef = torch.randn(1500, generator=g, device="cuda")
+    leaves = [t.double().requires_grad_() for t in (hidden, weight)]
+    want = torch.log_softmax(leaves[0] @ leaves[1].T, -1)[torch.arange(1500, device="cuda"), targets]
+    want_grads = torch.autograd.grad((want * coef).sum(), leaves)
+    got_leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = chunked_token_logprobs(got_leaves[0], targets, got_leaves[1], chunk=512, fused_lse=fused,
+                                     bf16_backward=bf16_backward)
+    got_grads = torch.autograd.grad((got * coef).sum(), got_leaves)
+    assert float((got.detach().double() - want.detach()).abs().max()) < 5e-2  # TF32 logits: 10-bit inputs
+    for a, b in zip(got_grads, want_grads):
+        assert float((a.double() - b).norm() / b.norm()) < (2e-2 if bf16_backward else 5e-3)
