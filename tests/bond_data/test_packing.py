@@ -64,7 +64,7 @@ def test_packed_padding_stays_under_ten_percent_on_the_gpu_benchmark_rows():
 def reference_packed(rows, bins, width):
     """The packed layout element by element: what collate_packed vectorises."""
     input_ids, position_ids = torch.zeros(len(bins), width, dtype=torch.long), torch.zeros(len(bins), width, dtype=torch.long)
-    index, targets, row = [], [], []
+    index, targets = [], []  # index: (flat position, row)
     for p, members in enumerate(bins):
         t = 0
         for i in members:

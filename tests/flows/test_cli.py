@@ -118,9 +118,8 @@ def test_our_warnings_print_as_one_warning_line_and_others_as_python_shows_them(
     from bond_data.errors import LogAMismatch
     from flows.cli import _warning_lines
 
-    with pytest.warns(UserWarning, match="something else") as shown:  # what Python (here pytest) shows
-        with _warning_lines():
-            warnings.warn("round 0: log A attended\n   otherwise", LogAMismatch)
-            warnings.warn("something else", UserWarning)
+    with pytest.warns(UserWarning, match="something else") as shown, _warning_lines():  # pytest: what Python shows
+        warnings.warn("round 0: log A attended\n   otherwise", LogAMismatch)
+        warnings.warn("something else", UserWarning)
     assert capsys.readouterr().err == "warning: round 0: log A attended otherwise\n"
     assert [w.category for w in shown] == [UserWarning]
