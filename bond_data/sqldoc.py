@@ -50,7 +50,7 @@ COLUMNS = {
                       "for target `sampler`",
     "anchor_hash": "content hash of the anchor checkpoint that generated the candidates",
     "backend": "`transformers` or `vllm`",
-    "sampling": "JSON: temperature, top_p, max_new_tokens, precision (how log A was computed)",
+    "sampling": "JSON: temperature, top_p, max_new_tokens, precision and attention (how log A was computed)",
     "seed": "the candidate's sampling seed, hashed from (round, prompt_id, sample_index)",
     "rm_id": "the reward model's id in the store",
     "rm_hash": "content hash of the reward model (folder, or the callable's module source)",
