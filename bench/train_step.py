@@ -42,7 +42,8 @@ import time
 
 import torch
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, no sparsity
+from bond_data.device import peak_bf16_flops
+
 VARIANTS = {"before": ("before", ()), "after": ("after", ()), "compile": ("after", ("--compile",)),
             "checkpointing": ("after", ("--checkpointing",)), "fsdp": ("after", ("--fsdp",)),
             "strict-head": ("after", ("--strict-head",)), "liger": ("after", ("--liger",)),
@@ -248,7 +249,7 @@ def main() -> None:
         if r is None:
             continue
         results.append((variant, extra, r))
-        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        peak = peak_bf16_flops(torch.device(args.device)) if args.device.startswith("cuda") else None
         mfu = f", MFU {6 * r['params'] * r['tokens_per_s'] / peak:.1%}" if peak else ""
         print(f"{variant + ' ' + ' '.join(extra):>24}: {r['tokens_per_s']:,.0f} tokens/s{mfu}, peak memory "
               f"{r['peak_over_base'] / 2**20:,.0f} MiB over the model, padding {r['padding']:.1%}, loss {r['loss']:.6f}")

@@ -11,8 +11,12 @@ from pathlib import Path
 
 
 class MetricsLog:
-    def __init__(self, path: Path, rank: int, total: int, start: int, label: str = "train"):
+    def __init__(self, path: Path, rank: int, total: int, start: int, label: str = "train",
+                 flops_per_token: float | None = None, peak_flops: float | None = None):
+        """`flops_per_token` and `peak_flops` (this process's GPU): each line also gets `mfu`, the model
+        FLOPs utilisation, flops_per_token x tokens/s over the peak (both known, else left out)."""
         self.rank = rank
+        self.flops = flops_per_token / peak_flops if flops_per_token and peak_flops else None
         if rank:
             return
         from bond_data.progress import Progress
@@ -26,10 +30,13 @@ class MetricsLog:
         if self.rank:
             return
         record = {"step": step, "lr": lr, **metrics, "tokens_per_s": metrics["tokens"] / seconds}
+        if self.flops:
+            record["mfu"] = self.flops * record["tokens_per_s"]
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         padding = f", padding {metrics['padding']:.1%}" if "padding" in metrics else ""
-        self.progress.advance(1, note=f"loss {metrics['loss']:.4f}{padding}")
+        mfu = f", MFU {record['mfu']:.1%}" if "mfu" in record else ""
+        self.progress.advance(1, note=f"loss {metrics['loss']:.4f}{padding}{mfu}")
 
     def close(self) -> None:
         if not self.rank:

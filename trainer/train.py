@@ -50,7 +50,7 @@ from bond_data import attention
 from bond_data import precision as precision_policy
 from bond_data.backends.hf import prompt_token_ids
 from bond_data.config import add_config_flags
-from bond_data.device import resolve_device
+from bond_data.device import peak_bf16_flops, resolve_device
 from bond_data.store import Store, StoreError
 from trainer import checkpoints, fsdp, lora
 from trainer.anchor import ema_update
@@ -96,6 +96,10 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
     if rank == 0:
         attention.check_pool(store.sampling_settings(cfg.round), policy, precision, cfg.round)
     precision_policy.fp32_head(policy)  # the chunked head computes in fp32 anyway; this covers head.forward
+    # the model FLOPs of a token, forward and backward (6 N, tied weights once; not for LoRA, whose frozen base
+    # has no weight gradients), against the GPU's bf16 peak: `mfu` in the metrics (bf16-autocast on a known GPU)
+    flops = None if lora.is_lora(policy) else 6 * sum(p.numel() for p in policy.parameters())
+    peak = peak_bf16_flops(device) if precision == "bf16-autocast" else None
     model = _wrap(policy, cfg, device, world)  # SequenceLogprobs, under FSDP2 / DDP when distributed
     ema = _anchor_copy(policy, getattr(torch, cfg.anchor_dtype)) if cfg.eta > 0 else None
 
@@ -107,7 +111,8 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
     step = _restore(resume, policy, opt, sched, ema, sharded_resume) if resume else 0
 
     label = f"train round {cfg.round}"
-    with MetricsLog(run_dir / "metrics.jsonl", rank, total=len(plan), start=step, label=label) as log:
+    with MetricsLog(run_dir / "metrics.jsonl", rank, total=len(plan), start=step, label=label, flops_per_token=flops,
+                    peak_flops=peak) as log:
         metrics: dict = {}
         fed = {"tokens": 0, "positions": 0}  # this run's steps: the padding share it prints
         global_rows = cfg.micro_batch_size * cfg.grad_accum * world
