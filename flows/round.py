@@ -47,6 +47,9 @@ def train_line(result: dict) -> str:
               f"mean log pi/A {last['log_ratio']:.3f}") if last else ""
     if result.get("padding") is not None:
         losses += f", padding {result['padding']:.1%} of the positions fed"
+    if result.get("tokens_per_s"):
+        mfu = f" (MFU {result['mfu']:.1%})" if result.get("mfu") else ""
+        losses += f", {result['tokens_per_s']:,.0f} tokens/s{mfu}"
     return (f"round {result['round']}: trained {result.get('steps', 0)} steps{losses}; anchor {result['round'] + 1} = "
             f"{result['next_anchor']['anchor_hash'][:12]}")
 

@@ -115,6 +115,7 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
                     peak_flops=peak) as log:
         metrics: dict = {}
         fed = {"tokens": 0, "positions": 0}  # this run's steps: the padding share it prints
+        first, later = None, [0, 0.0]  # tokens and seconds of its first step (warm-up, compilation) and the others
         global_rows = cfg.micro_batch_size * cfg.grad_accum * world
         while step < len(plan):
             t0 = time.perf_counter()
@@ -131,14 +132,22 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
                 ema_update(ema, _anchor_state(policy), cfg.eta)
             metrics["grad_norm"] = float(norm)  # read once the optimizer's kernels are queued
             step += 1
-            log.write(step, metrics, time.perf_counter() - t0, sched.get_last_lr()[0])
+            seconds = time.perf_counter() - t0
+            if first is None:
+                first = (metrics["tokens"], seconds)
+            else:
+                later = [later[0] + metrics["tokens"], later[1] + seconds]
+            log.write(step, metrics, seconds, sched.get_last_lr()[0])
             if step % cfg.checkpoint_every == 0 or step == len(plan):
                 _checkpoint(run_dir / f"step-{step}", policy, tokenizer, opt, sched, ema, step, rank, world, cfg.fsdp)
 
     final = _final_model(policy, ema, cfg, anchor["anchor_path"], rank)  # rank 0: a plain model to register
     result = _refresh_anchor(store, cfg, dataset, anchor, final, tokenizer, rank, world, precision)
     padding = 1 - fed["tokens"] / fed["positions"] if fed["positions"] else None  # None when resumed at the end
+    tokens, seconds = later if later[1] > 0 else (first or (0, 0.0))  # this process's, after the first step
+    speed = tokens / seconds if seconds > 0 else None
     return {**result, "steps": len(plan), "precision": precision, "pool_precision": pool, "padding": padding,
+            "tokens_per_s": speed, "mfu": flops * speed / peak if speed and flops and peak else None,
             "last_step": metrics}  # last_step: {} when resumed at the end
 
 

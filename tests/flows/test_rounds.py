@@ -117,3 +117,13 @@ def test_rounds_flags_and_config_name_the_generate_keys_set(tmp_path):
     args = argparse.Namespace(config=str(cfg), k=None, max_new_tokens=16, temperature=None, top_p=None, rm=None, n=2)
     params = rounds_params(args)
     assert params["generate_set"] == ["max_new_tokens", "temperature"] and params["generate"]["max_new_tokens"] == 16
+
+
+def test_the_round_summary_says_the_speed_and_the_mfu_when_known():
+    from flows.round import train_line
+
+    result = {"round": 2, "steps": 40, "next_anchor": {"anchor_hash": "ab" * 32}, "padding": 0.03,
+              "tokens_per_s": 52438.2, "mfu": 0.157}
+    assert ", padding 3.0% of the positions fed, 52,438 tokens/s (MFU 15.7%); anchor 3 = abababababab" in train_line(result)
+    assert "tokens/s;" in train_line({**result, "mfu": None}) and "MFU" not in train_line({**result, "mfu": None})
+    assert "tokens/s" not in train_line({**result, "tokens_per_s": None})  # resumed at the end: no step ran

@@ -34,3 +34,4 @@ def test_each_metrics_line_has_the_mfu_when_flops_and_peak_are_known(tmp_path):
     with_mfu, without = (json.loads((tmp_path / f).read_text()) for f in ("a.jsonl", "b.jsonl"))
     assert with_mfu["mfu"] == pytest.approx(0.012) and with_mfu["tokens_per_s"] == 2000
     assert "mfu" not in without
+

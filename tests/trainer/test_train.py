@@ -44,6 +44,10 @@ def test_training_learns_and_registers_the_next_anchor(round0):
     assert abs(log[0]["log_ratio"]) < 1e-3  # the policy starts as the anchor: rho = 1
     assert {"forward", "backward", "anchor_kl", "grad_norm", "tokens_per_s", "lr"} <= set(log[0])
     assert "mfu" not in log[0]  # on the CPU: no bf16 peak to measure against (tests/trainer/test_mfu.py)
+    # the run's speed, its first step (warm-up) apart: the later steps' tokens over their seconds
+    later = [m["tokens"] / m["tokens_per_s"] for m in log[1:]]
+    assert out["tokens_per_s"] == pytest.approx(sum(m["tokens"] for m in log[1:]) / sum(later), rel=1e-6)
+    assert out["mfu"] is None
     # each epoch covers the same 80 rows: the second epoch fits the weighted pool better
     epoch = [sum(m["forward"] for m in log[e * 5 : e * 5 + 5]) / 5 for e in (0, 1)]
     assert epoch[1] < epoch[0]
