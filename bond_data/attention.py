@@ -94,9 +94,9 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
                      **kwargs)
     if softcap is not None:
         raise ValueError("attn_implementation varlen: attention logit soft-capping is not supported; use sdpa or eager")
-    kind = query.device.type
-    if torch.is_autocast_enabled(kind):  # as autocast casts SDPA's inputs (RoPE leaves q, k in fp32)
-        low = torch.get_autocast_dtype(kind)
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):  # as autocast casts SDPA's inputs (RoPE leaves q, k in fp32)
+        low = torch.get_autocast_dtype(device_type)
         query, key, value = (t.to(low) for t in (query, key, value))
     p, hq, length, d = query.shape
     scale = d**-0.5 if scaling is None else scaling

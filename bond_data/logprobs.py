@@ -102,7 +102,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
     the one-hot part of d logp / d logits = onehot - softmax as a gather / index_add of rows of W and
     h, so one [M, slice] fp32 buffer, as large as a forward chunk's [chunk, V], is the peak (two
     with soft-capping); d h sums over the slices, [M, H], and each slice's rows of d W are written
-    once (`_backward_chunks`). Per token t with upstream gradient g_t:
+    once (`_backward_slices`). Per token t with upstream gradient g_t:
         d h_t = g_t (W[y_t] - softmax_t W),   d W = sum_t g_t (onehot_t - softmax_t)^T h_t.
 
     Called under CUDA autocast (the bf16-autocast policy on a GPU), its matmuls, forward and
@@ -128,7 +128,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         with torch.autocast(grad_out.device.type, enabled=False), _head_matmuls(ctx.tf32):
-            return _backward_chunks(ctx, grad_out)
+            return _backward_slices(ctx, grad_out)
 
 
 def _forward_chunks(out, lse, hidden, targets, weight, bias, chunk, softcap, logsumexp):
@@ -138,7 +138,7 @@ def _forward_chunks(out, lse, hidden, targets, weight, bias, chunk, softcap, log
         out[s : s + chunk] = logits.gather(-1, targets[s : s + chunk, None])[:, 0] - lse[s : s + chunk]
 
 
-def _backward_chunks(ctx, grad_out):
+def _backward_slices(ctx, grad_out):
     """The gradients, over slices of the vocabulary: the forward saved each token's logsumexp, so the
     softmax of a slice needs only that slice's logits, [M, slice] for all M tokens at once. Each
     slice's rows of d W (and d bias) are then complete, written once, and what sums over the slices

@@ -10,13 +10,18 @@ import json
 from pathlib import Path
 
 
+def mfu(flops_per_token: float | None, peak_flops: float | None, tokens_per_s: float | None) -> float | None:
+    """Model FLOPs utilisation: flops_per_token x tokens/s over the device's peak (None unless all are known)."""
+    return flops_per_token * tokens_per_s / peak_flops if flops_per_token and peak_flops and tokens_per_s else None
+
+
 class MetricsLog:
     def __init__(self, path: Path, rank: int, total: int, start: int, label: str = "train",
                  flops_per_token: float | None = None, peak_flops: float | None = None):
         """`flops_per_token` and `peak_flops` (this process's GPU): each line also gets `mfu`, the model
         FLOPs utilisation, flops_per_token x tokens/s over the peak (both known, else left out)."""
         self.rank = rank
-        self.flops = flops_per_token / peak_flops if flops_per_token and peak_flops else None
+        self.flops, self.peak = flops_per_token, peak_flops
         if rank:
             return
         from bond_data.progress import Progress
@@ -30,13 +35,14 @@ class MetricsLog:
         if self.rank:
             return
         record = {"step": step, "lr": lr, **metrics, "tokens_per_s": metrics["tokens"] / seconds}
-        if self.flops:
-            record["mfu"] = self.flops * record["tokens_per_s"]
+        utilisation = mfu(self.flops, self.peak, record["tokens_per_s"])
+        if utilisation is not None:
+            record["mfu"] = utilisation
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         padding = f", padding {metrics['padding']:.1%}" if "padding" in metrics else ""
-        mfu = f", MFU {record['mfu']:.1%}" if "mfu" in record else ""
-        self.progress.advance(1, note=f"loss {metrics['loss']:.4f}{padding}{mfu}")
+        utilised = f", MFU {utilisation:.1%}" if utilisation is not None else ""
+        self.progress.advance(1, note=f"loss {metrics['loss']:.4f}{padding}{utilised}")
 
     def close(self) -> None:
         if not self.rank:

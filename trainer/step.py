@@ -34,8 +34,8 @@ def train_step(model, micro_batches: list[list[dict]], beta: float, gamma: float
     one_row = pack_length is None and getattr(getattr(model, "module", model), "varlen", False)  # DDP keeps it in .module
     for i, rows in enumerate(micro_batches):
         batch = collate_packed(rows, pack_length, one_row) if packing else collate_padded(rows)
-        weight, weight_pool, logp_anchor = (to_device(torch.tensor([r[k] for r in rows], dtype=torch.float32), device)
-                                            for k in ("weight", "weight_pool", "logp_anchor"))  # forward, backward term
+        columns = torch.tensor([[r[k] for r in rows] for k in ("weight", "weight_pool", "logp_anchor")], dtype=torch.float32)
+        weight, weight_pool, logp_anchor = to_device(columns, device)  # forward term, backward term, log A: one copy
         with _gradient_sync(model, last=i == len(micro_batches) - 1, world=world):
             logp_policy = batch_logprobs(model, batch, device, precision)  # [B]
             terms = jeffreys_loss(logp_policy, logp_anchor, weight, beta, gamma, weight_pool, self_normalize)

@@ -57,7 +57,7 @@ from trainer.anchor import ema_update
 from trainer.config import TrainConfig
 from bond_data.logprobs import SequenceLogprobs
 from trainer.step import train_step
-from trainer.metrics import MetricsLog
+from trainer.metrics import MetricsLog, mfu
 
 
 def train(store_root: str, cfg: TrainConfig) -> dict:
@@ -83,7 +83,8 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
         return {"round": cfg.round, "next_anchor": done, "skipped": True}
 
     dataset = _dataset_record(store, cfg)
-    pool = precision_policy.pool_precision(store.sampling_settings(cfg.round))
+    settings = store.sampling_settings(cfg.round)  # how the pool was drawn: its precision policy and attention
+    pool = precision_policy.pool_precision(settings)
     precision = precision_policy.check_training(cfg.precision, pool, device, cfg.round)  # before anything is written
     run_dir = store.root / "train" / f"round={cfg.round}" / dataset["dataset_id"]
     resume = checkpoints.latest_checkpoint(run_dir)
@@ -94,7 +95,7 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
     anchor = store.anchor(cfg.round)
     policy, tokenizer = _load_trainable(anchor["anchor_path"], None if sharded_resume else resume, cfg, device)
     if rank == 0:
-        attention.check_pool(store.sampling_settings(cfg.round), policy, precision, cfg.round)
+        attention.check_pool(settings, policy, precision, cfg.round)
     precision_policy.fp32_head(policy)  # the chunked head computes in fp32 anyway; this covers head.forward
     # the model FLOPs of a token, forward and backward (6 N, tied weights once; not for LoRA, whose frozen base
     # has no weight gradients), against the GPU's bf16 peak: `mfu` in the metrics (bf16-autocast on a known GPU)
@@ -147,7 +148,7 @@ def _train(store: Store, cfg: TrainConfig, rank: int, world: int) -> dict:
     tokens, seconds = later if later[1] > 0 else (first or (0, 0.0))  # this process's, after the first step
     speed = tokens / seconds if seconds > 0 else None
     return {**result, "steps": len(plan), "precision": precision, "pool_precision": pool, "padding": padding,
-            "tokens_per_s": speed, "mfu": flops * speed / peak if speed and flops and peak else None,
+            "tokens_per_s": speed, "mfu": mfu(flops, peak, speed),
             "last_step": metrics}  # last_step: {} when resumed at the end
 
 
