@@ -94,7 +94,8 @@ def main() -> None:
     for shape in shapes:
         folder = Path(tempfile.mkdtemp()) / shape
         build(folder, shape)
-        backend = load_backend(folder, args.device, batch_size=64, attn=args.generator_attn)
+        backend = load_backend(folder, args.device, batch_size=64, attn=args.generator_attn,
+                               precision=None)  # fp32 weights: it runs every policy and is the trainer's model too
         prompts = [" ".join(f"w{(37 * p + 11 * i) % 30000 + 3}" for i in range(8 + p % 24)) for p in range(args.prompts)]
         jobs = [PromptJob(str(j), p, None, list(range(args.k)), [1000 * j + s for s in range(args.k)])
                 for j, p in enumerate(prompts)]

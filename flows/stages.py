@@ -139,8 +139,9 @@ def build_line(record: dict) -> str:
 @flow(name="bond-generate", flow_run_name="generate-r{cfg[round]}")
 def generate_flow(store: str, cfg: dict) -> dict:
     c = GenerateConfig.model_validate(cfg)
-    engine_args = c.engine_args() if c.backend == "vllm" else {"decoding": c.decoding,
-                                                                "attn_implementation": c.attn_implementation}
+    engine_args = c.engine_args() if c.backend == "vllm" else {
+        "decoding": c.decoding, "attn_implementation": c.attn_implementation,
+        "precision": c.precision}  # weights held for the run's one policy (bf16 linear layers under bf16-autocast)
     st = Store(store)
     sampling = Sampling(c.temperature, c.top_p, c.max_new_tokens, c.precision)
     result = stages.generate_round(st, c.round, c.k, sampling,
