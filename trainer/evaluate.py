@@ -41,7 +41,8 @@ BATCH_SIZE = 64  # generation, reward and pi_0 scoring micro-batches
 def _backend(model_dir: str):
     from bond_data.backends.hf import TransformersBackend
 
-    return TransformersBackend.from_pretrained(model_dir, batch_size=BATCH_SIZE)
+    # every pass here runs under the device's policy (auto), as the generate stage's: weights held for it
+    return TransformersBackend.from_pretrained(model_dir, batch_size=BATCH_SIZE, precision="auto")
 
 
 def _sample(backend, prompts: list[str], per_prompt: int, max_new_tokens: int, tag: str, seed: int):
