@@ -24,7 +24,7 @@ the tokens/s no kernel can beat (bf16 weights and cache); the weights-only bound
 term. Bandwidth comes from the device name (BANDWIDTH_GBS, vendor figures) or `--bandwidth-gbs`.
 
     python bench/gpu_generate.py [--shape qwen2-0.5b --prompts 128 --k 8 --new-tokens 128 --batch-size 256]
-    python bench/gpu_generate.py --device cpu --quick --shape tiny   # a smoke test of the script (no compiled paths)
+    python bench/gpu_generate.py --device cpu --quick --shape tiny [--precision bf16-autocast]   # a smoke test (no compiled paths)
 """
 
 from __future__ import annotations
@@ -130,6 +130,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--bandwidth-gbs", type=float, help="the card's memory bandwidth, when its name is not in the table")
     ap.add_argument("--per-prompt", action="store_true", help="also time one generate() per prompt (slow)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16-autocast"],
+                    help="ours's policy (auto: bf16-autocast on CUDA; bf16-autocast on the CPU emulates it)")
     ap.add_argument("--quick", action="store_true", help="16 prompts x k=4, 16 new tokens, batch 32")
     ap.add_argument("--paths", help="comma-separated subset of hf/dynamic, ours/dynamic, ours/fp32-weights, ours/static, "
                     "ours/static-compiled, hf/static-compiled (default: all; hf/dynamic and ours/dynamic always run)")
@@ -145,14 +147,14 @@ def main() -> None:
     decodings = ["dynamic", "static", "static-compiled"] if cuda else ["dynamic", "static"]
     wanted = set(args.paths.split(",")) | {"hf/dynamic", "ours/dynamic"} if args.paths else None
     decodings = [d for d in decodings if wanted is None or f"ours/{d}" in wanted]
-    backends = {d: load_backend(folder, args.device, args.batch_size, d) for d in decodings}
+    backends = {d: load_backend(folder, args.device, args.batch_size, d, precision=args.precision) for d in decodings}
     if wanted is None or "ours/fp32-weights" in wanted:
         backends["fp32-weights"] = load_backend(folder, args.device, args.batch_size, precision=None)
     tok = backends["dynamic"].tokenizer
     dtype = torch.bfloat16 if cuda else torch.float32  # plain generate as a user would run it
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(args.device).eval()
     prompts = [" ".join(f"w{(37 * p + 11 * i) % 30000 + 3}" for i in range(16 + p % 16)) for p in range(args.prompts)]
-    sampling = Sampling(max_new_tokens=args.new_tokens)
+    sampling = Sampling(max_new_tokens=args.new_tokens, precision=args.precision)
     jobs = [PromptJob(str(j), p, None, list(range(args.k)), [1000 * j + s for s in range(args.k)]) for j, p in enumerate(prompts)]
     rows = sorted((p for p in prompts for _ in range(args.k)), key=lambda p: len(p.split()))
     gen_kw = dict(do_sample=True, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, top_k=None,
