@@ -96,6 +96,15 @@ def read_yaml_mapping(path: str | Path) -> dict:
     return data
 
 
+class FlagParser(argparse.ArgumentParser):
+    """argparse, with a misused command line reported as one `error:` line (the command, what was
+    wrong, where to read more) and exit code 2, instead of a usage block. Its subcommands' parsers
+    are of this class too (add_subparsers makes them of the parent's class)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())}; see `{self.prog} --help`\n")
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls: type[Config], skip: tuple[str, ...] = ()) -> None:
     """One `--flag` per field of a config, typed, with its description and default as help. The
     parsed default is None, so `cls.from_flags` keeps the file's or the default value for flags

@@ -33,7 +33,7 @@ import threading
 from pathlib import Path
 
 import flows  # noqa: F401  (sets Prefect's environment defaults before Prefect is imported)
-from bond_data.config import BuildConfig, GenerateConfig, ScoreConfig, add_config_flags
+from bond_data.config import BuildConfig, FlagParser, GenerateConfig, ScoreConfig, add_config_flags
 from bond_data.tasks.tiny import REWARD_SPEC as TINY_REWARD
 from trainer.config import (
     TINY_ITERATIVE_LR,
@@ -56,7 +56,7 @@ def _version() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="bond", description="BOND: Best-of-N distillation pipeline")
+    ap = FlagParser(prog="bond", description="BOND: Best-of-N distillation pipeline")  # misuse: one error: line
     ap.add_argument("--version", action="version", version=f"bond {_version()}")
     ap.add_argument("-v", "--verbose", action="store_true",
                     help="show Prefect's own log lines (run and task states, its temporary server)")
@@ -161,9 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     """The command, with every user error reported as one `error:` line and its exit code."""
-    from bond_data.errors import StoreError
-    from bond_data.prompts import PromptError
-    from bond_data.score import RewardError
+    from bond_data.errors import StoreError, error_line
     from bond_data.store import QueryInterrupted, QueryTimeout
 
     try:
@@ -177,11 +175,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     except QueryTimeout as e:
         print(f"error: {e}", file=sys.stderr)
         return 124
-    except (PromptError, RewardError, StoreError, ValueError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, always
-        return 2
-    except OSError as e:  # a file the user named: missing, unreadable, not a directory...
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+    except (StoreError, ValueError, OSError) as e:  # ValueError: config, prompt and reward errors too
+        print(error_line(e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C); what was registered stays registered, a re-run resumes", file=sys.stderr)

@@ -33,10 +33,10 @@ the same numbers as padded rows and full logits, without the [tokens, vocab] ten
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -49,8 +49,9 @@ from torch.distributed.tensor import DTensor
 from bond_data import attention
 from bond_data import precision as precision_policy
 from bond_data.backends.hf import prompt_token_ids
-from bond_data.config import add_config_flags
+from bond_data.config import FlagParser, add_config_flags
 from bond_data.device import peak_bf16_flops, resolve_device
+from bond_data.errors import error_line
 from bond_data.store import Store, StoreError
 from trainer import checkpoints, fsdp, lora
 from trainer.anchor import ema_update
@@ -69,6 +70,8 @@ def train(store_root: str, cfg: TrainConfig) -> dict:
         raise ValueError("field 'fsdp': needs torch.distributed; run under torchrun "
                          "(python -m torch.distributed.run --nproc_per_node=N -m trainer.train ...; N = 1 works)")
     store = Store(store_root)
+    if not store.exists():  # a misspelt --store must not create one (the writer lease would)
+        raise StoreError(f"no BOND store at {store.root}: create one with `bond init --store DIR --anchor MODEL`")
     lease = store.writing(f"bond train --round {cfg.round}") if rank == 0 else contextlib.nullcontext()
     with lease:
         return _train(store, cfg, rank, world)
@@ -320,17 +323,27 @@ def _refresh_anchor(store: Store, cfg: TrainConfig, dataset: dict, anchor: dict,
     return {"round": cfg.round, "next_anchor": store.anchor(cfg.round + 1), "skipped": False}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="BOND trainer (see the module docstring)")
+def main(argv: list[str] | None = None) -> int:
+    """`python -m trainer.train` (under torchrun for DDP / FSDP): the result as JSON; a user error as one
+    `error:` line per process and exit code 2, as `bond train` reports it."""
+    ap = FlagParser(prog="python -m trainer.train", description="BOND trainer (see the module docstring)")
     ap.add_argument("--store", required=True)
     ap.add_argument("--config")
     add_config_flags(ap, TrainConfig)
     args = vars(ap.parse_args(argv))
-    cfg = TrainConfig.load(args.pop("config"), **{k: v for k, v in args.items() if k != "store"})
-    print(json.dumps(train(args["store"], cfg), default=str))
+    try:
+        cfg = TrainConfig.load(args.pop("config"), **{k: v for k, v in args.items() if k != "store"})
+        result = train(args["store"], cfg)
+    except (StoreError, ValueError, OSError) as e:
+        print(error_line(e), file=sys.stderr)
+        code = 2
+    else:
+        print(json.dumps(result, default=str))
+        code = 0
     if dist.is_initialized():
         dist.destroy_process_group()
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

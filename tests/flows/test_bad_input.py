@@ -145,6 +145,23 @@ STORES = [  # (case, argv with {store} / {tmp} / {path}, setup for {path}, messa
      "precision 'bf16-autocast' (the round's: 'fp32')"),
 ]
 
+FLAGS = [  # (case, argv with {store} / {tmp}, message): what argparse refuses, as one line too
+    ("an unknown command", ["frobnicate"], "bond: argument command: invalid choice: 'frobnicate'"),
+    ("an invalid choice", ["generate", "--store", "{store}", "--precision", "bf32"],
+     "bond generate: argument --precision: invalid choice: 'bf32'"),
+    ("a word for a number", ["generate", "--store", "{store}", "--k", "x"], "argument --k: invalid int value: 'x'"),
+    ("a missing argument", ["prompts", "add"], "bond prompts add: the following arguments are required: --store, file"),
+    ("an unknown flag", ["generate", "--store", "{store}", "--kk", "3"], "unrecognized arguments: --kk 3"),
+    ("a boolean that is neither", ["train", "--store", "{store}", "--fsdp", "maybe"], "argument --fsdp"),
+]
+
+TRAINER = [  # (case, argv of `python -m trainer.train`, the torchrun entry point, message)
+    ("a config value out of range", ["--store", "{store}", "--lr", "-1"], "flags: field 'lr': Input should be greater than 0"),
+    ("a store that does not exist", ["--store", "{tmp}/nothing"], "no BOND store at"),
+    ("a round without a dataset", ["--store", "{store}"], "round 0 has no dataset"),
+    ("an unknown flag", ["--store", "{store}", "--kk", "3"], "python -m trainer.train: unrecognized arguments: --kk 3"),
+]
+
 SQL = [
     ("a write", "DELETE FROM shards", "read-only"),
     ("EXPLAIN ANALYZE of a COPY", "EXPLAIN ANALYZE COPY (SELECT 1) TO '{store}/candidates/x.parquet' (FORMAT parquet)", "read-only"),
@@ -163,14 +180,17 @@ def scored_store(store):
     return store
 
 
-def _run(argv: list[str], store, capsys) -> str:
+def _run(argv: list[str], store, capsys, entry=main) -> str:
     before = tree_digest(store.root)
-    code = main(argv)
+    try:
+        code = entry(argv)
+    except SystemExit as e:  # argparse's own exit, after its one line
+        code = e.code
     err = capsys.readouterr().err
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "usage:" not in err
     assert tree_digest(store.root) == before  # byte for byte: nothing written, nothing registered
     return lines[0]
 
@@ -207,6 +227,21 @@ def test_bad_store_paths_and_stages(case, argv, setup, message, scored_store, tm
     assert not (tmp_path / "nothing").exists() and not (tmp_path / "fresh").exists()
 
 
+@pytest.mark.parametrize("case, argv, message", FLAGS, ids=[c[0] for c in FLAGS])
+def test_bad_command_lines(case, argv, message, scored_store, tmp_path, capsys):
+    line = _run([a.format(store=scored_store.root, tmp=tmp_path) for a in argv], scored_store, capsys)
+    assert message in line and line.endswith(" --help`"), line  # where to read more
+
+
+@pytest.mark.parametrize("case, argv, message", TRAINER, ids=[c[0] for c in TRAINER])
+def test_bad_input_to_the_torchrun_entry_point(case, argv, message, scored_store, tmp_path, capsys):
+    from trainer.train import main as train_main
+
+    line = _run([a.format(store=scored_store.root, tmp=tmp_path) for a in argv], scored_store, capsys, train_main)
+    assert message in line
+    assert not (tmp_path / "nothing").exists()  # a misspelt --store creates nothing
+
+
 @pytest.mark.parametrize("case, sql, message", SQL, ids=[c[0] for c in SQL])
 def test_bad_sql(case, sql, message, scored_store, capsys):
     line = _run(["sql", "--store", str(scored_store.root), sql.format(store=scored_store.root)], scored_store, capsys)
@@ -214,7 +249,7 @@ def test_bad_sql(case, sql, message, scored_store, capsys):
 
 
 def test_the_corpus_covers_at_least_40_kinds():
-    assert len(PROMPTS) + len(CONFIGS) + len(REWARDS) + len(STORES) + len(SQL) >= 40
+    assert len(PROMPTS) + len(CONFIGS) + len(REWARDS) + len(STORES) + len(FLAGS) + len(TRAINER) + len(SQL) >= 50
 
 
 def test_a_utf8_bom_is_accepted(store, tmp_path, capsys):

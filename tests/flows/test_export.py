@@ -139,9 +139,11 @@ def test_export_refusals_are_one_line_and_write_nothing(built, tmp_path, capsys,
         args += ["--license", "Not A License"]
     before_store, before_tmp = tree_digest(store.root), tree_digest(tmp_path)
     if case == "bad format":
-        with pytest.raises(SystemExit) as e:  # argparse: its usage line and exit code 2
+        with pytest.raises(SystemExit) as e:  # argparse: one error: line and exit code 2
             main(["export", "--store", str(store.root), *args, "--format", "csv"])
-        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        assert err.startswith("error: bond export: argument --format: invalid choice: 'csv'"), err
         return
     code, out, err = export(capsys, store, *args)
     assert code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1, err
