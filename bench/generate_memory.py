@@ -49,12 +49,12 @@ def rss() -> int:
 def child(folder: str, held: str, rows: int, new_tokens: int) -> dict:
     """One way of holding the weights, in a fresh process: bytes above the start, after loading and at
     the peak of generation."""
-    import torch
+    import contextlib
 
-    from bond_data.backends.base import PromptJob, Sampling
+    import torch
     from gpu_generate import load_backend
 
-    import contextlib
+    from bond_data.backends.base import PromptJob, Sampling
 
     start = rss()
     backend = load_backend(Path(folder), "cpu", batch_size=rows, precision="bf16-autocast" if held == "bf16-body" else None)
@@ -103,8 +103,9 @@ def generator_bytes(config) -> dict[str, int]:
 def accounting_table() -> str:
     from trainer.memory import SHAPES, config_of
 
-    lines = ["| model | params | fp32 weights, cast at each step (before) | fp32 weights + the batch's casts "
-             "| bf16 linear layers + fp32 rest (now) |", "|---|---:|---:|---:|---:|"]
+    header = ("| model | params | fp32 weights, cast at each step (before) | fp32 weights + the batch's casts "
+              "| bf16 linear layers + fp32 rest (now) |")
+    lines = [header, "|---|---:|---:|---:|---:|"]
     for name in SHAPES:
         b = generator_bytes(config_of(name))
         lines.append(f"| {name} | {b['params'] / 1e9:.2f}B | {4 * b['params'] / GIB:.1f} GiB | {b['fp32'] / GIB:.1f} GiB "

@@ -33,7 +33,13 @@ import threading
 from pathlib import Path
 
 import flows  # noqa: F401  (sets Prefect's environment defaults before Prefect is imported)
-from bond_data.config import BuildConfig, FlagParser, GenerateConfig, ScoreConfig, add_config_flags
+from bond_data.config import (
+    BuildConfig,
+    FlagParser,
+    GenerateConfig,
+    ScoreConfig,
+    add_config_flags,
+)
 from bond_data.tasks.tiny import REWARD_SPEC as TINY_REWARD
 from trainer.config import (
     TINY_ITERATIVE_LR,

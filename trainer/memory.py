@@ -31,7 +31,6 @@ bytes autograd actually saves.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import torch
@@ -127,7 +126,9 @@ def table(worlds: list[int], tokens: int, checkpointing: bool, anchor_bytes: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="GiB per GPU to train with BOND (see the module docstring)")
+    from bond_data.config import FlagParser  # a misused flag: one error: line
+
+    ap = FlagParser(prog="python -m trainer.memory", description="GiB per GPU to train with BOND (see the module docstring)")
     ap.add_argument("--world", type=int, nargs="+", default=[1, 8, 16, 64], help="GPUs (FSDP when more than 1)")
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per micro-batch per GPU")
     ap.add_argument("--no-checkpointing", action="store_true", help="without activation checkpointing")
