@@ -147,11 +147,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("query")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--timeout", type=float, help="stop the query after this many seconds (exit code 124)")
+    for command in [*sub.choices.values(), *psub.choices.values()]:  # `bond prompts add`'s wins over `prompts`'
+        command.set_defaults(command_parser=command)  # whose --help an unrecognized flag points to
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args, extras = _parser().parse_known_args(argv)
+    if extras:  # named by the (sub)command they were given to, whose --help lists what it takes
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extras)}")
     _quiet_prefect(args.verbose)
     mask = None
     if args.command == "sql" and threading.current_thread() is threading.main_thread():

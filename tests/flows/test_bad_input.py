@@ -151,7 +151,9 @@ FLAGS = [  # (case, argv with {store} / {tmp}, message): what argparse refuses, 
      "bond generate: argument --precision: invalid choice: 'bf32'"),
     ("a word for a number", ["generate", "--store", "{store}", "--k", "x"], "argument --k: invalid int value: 'x'"),
     ("a missing argument", ["prompts", "add"], "bond prompts add: the following arguments are required: --store, file"),
-    ("an unknown flag", ["generate", "--store", "{store}", "--kk", "3"], "unrecognized arguments: --kk 3"),
+    ("an unknown flag", ["generate", "--store", "{store}", "--kk", "3"], "bond generate: unrecognized arguments: --kk 3"),
+    ("an unknown flag of a nested command", ["prompts", "add", "--store", "{store}", "{tmp}/p.jsonl", "--foo"],
+     "bond prompts add: unrecognized arguments: --foo; see `bond prompts add --help`"),
     ("a boolean that is neither", ["train", "--store", "{store}", "--fsdp", "maybe"], "argument --fsdp"),
 ]
 
