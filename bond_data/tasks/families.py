@@ -8,6 +8,8 @@ Each family brings what its released checkpoints do and the tiny built-in Llama 
 - qwen2 (ChatML): no BOS at all; `<|im_end|>` ends a turn, `<|endoftext|>` pads and also stops.
 - gemma2: BOS from the template (and the tokenizer for plain text); the tokenizer's EOS `<eos>` is
   not what ends a turn: `<end_of_turn>` is, listed only in the generation config.
+- qwen3: Qwen2's tokens and template, with q/k norms and no q/k/v biases.
+- gemma3: Gemma 2's tokens and template; a sliding-window layer then a global one, q/k norms.
 - phi3: fused `qkv_proj` / `gate_up_proj`; BOS for plain text but not in its chat template; the pad
   token *is* the EOS token; `<|end|>` ends a turn.
 - reward models: `mistral` (`[INST]` template with BOS, the tokenizer adds BOS too), a
@@ -69,6 +71,14 @@ FAMILIES = {
     "gemma2": Family("Gemma2ForCausalLM", "Gemma2Config", ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"),
                      "<bos>", "<eos>", "<pad>", ("<eos>", "<end_of_turn>"), GEMMA_TEMPLATE, bos_added=True,
                      extra=dict(head_dim=16, sliding_window=32)),
+    "qwen3": Family("Qwen3ForCausalLM", "Qwen3Config", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+                    None, "<|im_end|>", "<|endoftext|>", ("<|im_end|>", "<|endoftext|>"), CHATML_TEMPLATE,
+                    bos_added=False, extra=dict(head_dim=16)),
+    "gemma3": Family("Gemma3ForCausalLM", "Gemma3TextConfig",
+                     ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"),
+                     "<bos>", "<eos>", "<pad>", ("<eos>", "<end_of_turn>"), GEMMA_TEMPLATE, bos_added=True,
+                     extra=dict(head_dim=16, sliding_window=32, query_pre_attn_scalar=16,
+                                layer_types=["sliding_attention", "full_attention"])),
     "phi3": Family("Phi3ForCausalLM", "Phi3Config",
                    ("<unk>", "<s>", "</s>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>", "<|system|>"),
                    "<s>", "<|endoftext|>", "<|endoftext|>", ("<|endoftext|>", "<|end|>"), PHI3_TEMPLATE,

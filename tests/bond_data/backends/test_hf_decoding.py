@@ -32,7 +32,8 @@ def assert_same(a, b, atol):
 
 
 @pytest.mark.parametrize("family", ["tiny-llama", pytest.param("qwen2", marks=pytest.mark.slow),
-                                    pytest.param("gemma2", marks=pytest.mark.slow)])  # gemma2: sliding-window layers
+                                    pytest.param("gemma2", marks=pytest.mark.slow),  # sliding-window layers
+                                    pytest.param("gemma3", marks=pytest.mark.slow)])  # sliding and global layers
 def test_static_cache_samples_the_same_tokens_as_the_dynamic_cache(family, untrained_model, tmp_path):
     folder = untrained_model if family == "tiny-llama" else save_family_model(family, tmp_path / family)
     dynamic = sample(folder, "dynamic", batch_size=16)

@@ -53,7 +53,9 @@ def body_linears(model):
 
 @pytest.mark.parametrize("family", ["tiny-llama", pytest.param("qwen2", marks=pytest.mark.slow),
                                     pytest.param("gemma2", marks=pytest.mark.slow),
-                                    pytest.param("phi3", marks=pytest.mark.slow)])
+                                    pytest.param("phi3", marks=pytest.mark.slow),
+                                    pytest.param("qwen3", marks=pytest.mark.slow),
+                                    pytest.param("gemma3", marks=pytest.mark.slow)])
 def test_bf16_body_samples_the_same_tokens_and_log_a_bit_for_bit(family, untrained_model, tmp_path):
     folder = untrained_model if family == "tiny-llama" else save_family_model(family, tmp_path / family)
     folder = perturbed(folder, tmp_path / "perturbed")

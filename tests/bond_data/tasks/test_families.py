@@ -13,7 +13,7 @@ from bond_data.tasks.families import FAMILIES, save_family_model
 
 MESSAGES = [{"role": "user", "content": "sort: cab ="}]
 # (BOS count in a chat prompt, in a plain prompt): the template decides for chat, the tokenizer for text
-BOS_COUNT = {"llama": (1, 1), "qwen2": (0, 0), "gemma2": (1, 1), "phi3": (0, 1)}
+BOS_COUNT = {"llama": (1, 1), "qwen2": (0, 0), "qwen3": (0, 0), "gemma2": (1, 1), "gemma3": (1, 1), "phi3": (0, 1)}
 
 
 @pytest.fixture(scope="module")
