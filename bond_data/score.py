@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from bond_data import schema
 from bond_data.device import free_memory, resolve_device
+from bond_data.errors import out_of_memory
 from bond_data.files import folder_sha256, write_parquet_atomic
 from bond_data.store import Store, shard_manifest
 
@@ -161,6 +162,8 @@ def _call(score_batch: Callable, batch: list[tuple[str, str]], name: str) -> lis
     try:
         out = score_batch(batch)
     except Exception as e:  # the user's code: any failure is theirs to fix, and deterministic
+        if out_of_memory(e):  # the device's, not the code's: the CLI names the batch size to lower
+            raise
         raise RewardError(f"{name} raised {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from None
     if isinstance(out, str | bytes) or not hasattr(out, "__len__"):
         raise RewardError(f"{name} returned {type(out).__name__}, not a list of {len(batch)} numbers")

@@ -34,6 +34,7 @@ from bond_data import generate, score, stages
 from bond_data.backends.base import Sampling
 from bond_data.config import BuildConfig, GenerateConfig, RunnerConfig, ScoreConfig
 from bond_data.stages import ShardRunner
+from bond_data.errors import out_of_memory
 from bond_data.store import Store, StoreError
 from flows.tether import tie_temporary_server
 
@@ -42,14 +43,15 @@ tie_temporary_server()  # Prefect's temporary server dies with this process, kil
 
 # ---- retries -----------------------------------------------------------------------------------
 def _transient(task, task_run, state) -> bool:
-    """Retry I/O hiccups, lost workers and timeouts; never bad input, a bad reward model or a store
-    refusal (ValueError covers RewardError and ConfigError): those fail the same way again."""
+    """Retry I/O hiccups, lost workers and timeouts; never bad input, a bad reward model, a store
+    refusal (ValueError covers RewardError and ConfigError) or a device out of memory: those fail
+    the same way again (the same batch on the same device), and the CLI names the setting to change."""
     try:
         state.result()
     except (ValueError, StoreError, ImportError):
         return False
-    except Exception:
-        return True
+    except Exception as e:
+        return not out_of_memory(e)
     return False
 
 
