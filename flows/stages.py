@@ -33,8 +33,8 @@ from prefect.tasks import exponential_backoff
 from bond_data import generate, score, stages
 from bond_data.backends.base import Sampling
 from bond_data.config import BuildConfig, GenerateConfig, RunnerConfig, ScoreConfig
-from bond_data.stages import ShardRunner
 from bond_data.errors import out_of_memory
+from bond_data.stages import ShardRunner
 from bond_data.store import Store, StoreError
 from flows.tether import tie_temporary_server
 
