@@ -91,17 +91,46 @@ def bf16_body(model) -> int:
     """Cast the body's `nn.Linear` layers (weights and biases; not the LM head, nor a layer sharing
     its weight) to bf16 in place, for a model that only ever runs under `bf16-autocast`: autocast
     casts their fp32 parameters to these same bf16 values in every matmul, so outputs do not change
-    (tests/bond_data/backends/test_hf_weights.py). For the generator's anchor only: the trainer's
-    fp32 master weights take AdamW steps. Returns the bytes freed."""
+    (tests/bond_data/backends/test_hf_weights.py). That holds for a layer autocast reaches; one the
+    architecture runs with autocast off (in fp32, say a router) would then compute in bf16, so a
+    short probe forward finds where each layer runs and such layers stay fp32 (and so does every
+    layer the probe did not reach, when one of its class ran outside autocast). For the generator's
+    anchor only: the trainer's fp32 master weights take AdamW steps. Returns the bytes freed."""
     import torch
 
     head = model.get_output_embeddings()
     keep = {id(p) for p in head.parameters()} if head is not None else set()
+    linears = [m for m in model.modules()
+               if isinstance(m, torch.nn.Linear) and m is not head and id(m.weight) not in keep]
+    under, outside = _where_linears_run(model, linears)
     before = _parameter_bytes(model)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module is not head and id(module.weight) not in keep:
+    for module in linears:
+        if module in under or (module not in outside and type(module) not in {type(m) for m in outside}):
             module.to(torch.bfloat16)
     return before - _parameter_bytes(model)
+
+
+def _where_linears_run(model, linears: list) -> tuple[set, set]:
+    """(layers that computed in bf16, layers that computed otherwise) in one forward of a few tokens
+    under bf16 autocast on the model's own device. With fp32 weights a bf16 output means autocast
+    cast the weight, as `bf16_body` would; an fp32 one means it ran outside autocast."""
+    import torch
+
+    device = next(model.parameters()).device
+    under, outside = set(), set()
+
+    def record(module, args, output):
+        (under if output.dtype == torch.bfloat16 else outside).add(module)
+
+    hooks = [m.register_forward_hook(record) for m in linears]
+    try:
+        ids = torch.arange(4, device=device)[None] % model.config.get_text_config().vocab_size
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return under - outside, outside  # a layer seen both ways runs outside autocast somewhere
 
 
 def _parameter_bytes(model) -> int:

@@ -84,6 +84,38 @@ def test_bf16_body_with_a_static_cache_and_the_bytes_it_frees(untrained_model):
     assert static.generate(jobs(), BF16) == load(untrained_model).generate(jobs(), BF16)
 
 
+def test_a_linear_layer_run_outside_autocast_stays_fp32(untrained_model, tmp_path):
+    """As an architecture running a layer in fp32 with autocast off (a router, say): its weight in
+    bf16 would change what it computes. bf16_body's probe finds it and leaves it, and only it, fp32;
+    the logits stay those of fp32 weights, bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    folder = perturbed(untrained_model, tmp_path / "perturbed")
+
+    def load_with_fp32_down_projections():
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+        for layer in model.model.layers:
+            mlp = layer.mlp
+
+            def forward(x, mlp=mlp):  # the MLP, its down projection in fp32 with autocast off
+                h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+                with torch.autocast("cpu", enabled=False):
+                    return mlp.down_proj(h.to(mlp.down_proj.weight.dtype))
+
+            mlp.forward = forward
+        return model
+
+    fp32, held = load_with_fp32_down_projections(), load_with_fp32_down_projections()
+    held.model.unused = torch.nn.Linear(4, 4)  # the probe never reaches it: its class ran outside, so it stays
+    precision_policy.bf16_body(held)
+    downs = [layer.mlp.down_proj for layer in held.model.layers]
+    assert all(d.weight.dtype == torch.float32 for d in downs) and held.model.unused.weight.dtype == torch.float32
+    assert all(m.weight.dtype == torch.bfloat16 for m in body_linears(held) if m not in [*downs, held.model.unused])
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7, 40, 3]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(held(input_ids=ids).logits, fp32(input_ids=ids).logits)
+
+
 def test_a_bf16_body_refuses_another_policy(untrained_model):
     held = load(untrained_model, "bf16-autocast")
     with pytest.raises(ValueError, match="holds its weights for precision 'bf16-autocast', not 'fp32'"):
