@@ -45,3 +45,16 @@ def store(tmp_path, untrained_model, prompt_file):
     st.register_anchor(0, str(untrained_model), folder_sha256(untrained_model))
     add_prompts(st, prompt_file)
     return st
+
+
+@pytest.fixture
+def round0(store):
+    """The store with round 0 generated (k=8), scored and built (Best-of-4): what training needs."""
+    from testutil import run_generation, run_scoring
+
+    from bond_data import build
+
+    run_generation(store, k=8, max_new_tokens=6)
+    run_scoring(store)
+    build.build_dataset(store, 0, n=4)
+    return store

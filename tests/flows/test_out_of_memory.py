@@ -13,9 +13,8 @@ import sys
 import pytest
 import rewards_for_tests
 import torch
-from testutil import run_generation, run_scoring, tree_digest
+from testutil import run_generation, tree_digest
 
-from bond_data import build
 from flows.cli import main
 from trainer import train as train_mod
 
@@ -48,14 +47,6 @@ def test_a_reward_model_out_of_memory_is_one_line_and_is_not_retried(prefect_ser
     assert store.registered_shards("scores", 0) == []
 
 
-@pytest.fixture
-def built_store(store):
-    run_generation(store, k=4, max_new_tokens=6)
-    run_scoring(store)
-    build.build_dataset(store, 0, n=2)
-    return store
-
-
 def _oom_at_second_step(monkeypatch):
     calls = []
 
@@ -70,15 +61,15 @@ def _oom_at_second_step(monkeypatch):
 
 
 @pytest.mark.parametrize("entry", ["bond train", "python -m trainer.train"])
-def test_training_out_of_memory_is_one_line_naming_what_shrinks_the_step(entry, built_store, monkeypatch, capsys):
+def test_training_out_of_memory_is_one_line_naming_what_shrinks_the_step(entry, round0, monkeypatch, capsys):
     _oom_at_second_step(monkeypatch)
-    before = tree_digest(built_store.root / "_catalog")
-    flags = ["--store", str(built_store.root), "--micro-batch-size", "8", "--checkpoint-every", "100"]
+    before = tree_digest(round0.root / "_catalog")
+    flags = ["--store", str(round0.root), "--micro-batch-size", "8", "--checkpoint-every", "100"]
     code = main(["train", *flags]) if entry == "bond train" else train_mod.main(flags)
     line = one_line(capsys)
     assert code == 2 and line.startswith(TORCH_SAID), line
     assert train_mod.MEMORY_HINT in line
-    assert built_store.anchor(1) is None  # no next anchor registered
-    after = tree_digest(built_store.root / "_catalog")
+    assert round0.anchor(1) is None  # no next anchor registered
+    after = tree_digest(round0.root / "_catalog")
     assert {k: v for k, v in after.items() if "writer.lock" not in k} == \
         {k: v for k, v in before.items() if "writer.lock" not in k}  # the catalog as it was
