@@ -103,9 +103,10 @@ def bf16_body(model) -> int:
     linears = [m for m in model.modules()
                if isinstance(m, torch.nn.Linear) and m is not head and id(m.weight) not in keep]
     under, outside = _where_linears_run(model, linears)
+    doubtful = {type(m) for m in outside}  # a class some layer of which ran outside autocast
     before = _parameter_bytes(model)
     for module in linears:
-        if module in under or (module not in outside and type(module) not in {type(m) for m in outside}):
+        if module in under or (module not in outside and type(module) not in doubtful):
             module.to(torch.bfloat16)
     return before - _parameter_bytes(model)
 
