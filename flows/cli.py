@@ -153,7 +153,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, extras = _parser().parse_known_args(argv)
+    parser = _parser()
+    if not (sys.argv[1:] if argv is None else argv):  # `bond` alone: what it can do, not an error line
+        parser.print_help()
+        return 2
+    args, extras = parser.parse_known_args(argv)
     if extras:  # named by the (sub)command they were given to, whose --help lists what it takes
         args.command_parser.error(f"unrecognized arguments: {' '.join(extras)}")
     _quiet_prefect(args.verbose)

@@ -235,6 +235,12 @@ def test_bad_command_lines(case, argv, message, scored_store, tmp_path, capsys):
     assert message in line and line.endswith(" --help`"), line  # where to read more
 
 
+def test_bond_alone_prints_its_commands(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: bond") and "generate" in out and "sample k candidates" in out
+
+
 @pytest.mark.parametrize("case, argv, message", TRAINER, ids=[c[0] for c in TRAINER])
 def test_bad_input_to_the_torchrun_entry_point(case, argv, message, scored_store, tmp_path, capsys):
     from trainer.train import main as train_main
