@@ -42,6 +42,7 @@ from bond_data.config import (
 )
 from bond_data.tasks.tiny import REWARD_SPEC as TINY_REWARD
 from trainer.config import (
+    MEMORY_HINT,
     TINY_ITERATIVE_LR,
     TINY_TRAIN,
     EvalConfig,
@@ -175,21 +176,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _memory_hint(command: str) -> str:
     """The settings that shrink what `command` holds on its device."""
-    if command in ("train", "rounds"):
-        from trainer.train import MEMORY_HINT
-
-        if command == "train":
-            return MEMORY_HINT
-        return ("lower the rounds config's generate.batch_size, score.batch_size or train.micro_batch_size (or set "
-                "train.activation_checkpointing: true)")
     return {"generate": "lower --batch-size (sequences per forward pass) or --max-new-tokens",
             "score": "lower --batch-size (sequences per reward-model call)",
-            "train-online": "lower --gen-batch-size or --prompts-per-step"}.get(command, "use smaller batches")
+            "train": MEMORY_HINT,
+            "train-online": "lower --gen-batch-size or --prompts-per-step",
+            "rounds": "lower the rounds config's generate.batch_size, score.batch_size or train.micro_batch_size (or "
+                      "set train.activation_checkpointing: true)"}.get(command, "use smaller batches")
 
 
 def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     """The command, with every user error reported as one `error:` line and its exit code."""
-    from bond_data.errors import StoreError, error_line, out_of_memory
+    from bond_data.errors import error_line
     from bond_data.store import QueryInterrupted, QueryTimeout
 
     try:
@@ -203,13 +200,11 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     except QueryTimeout as e:
         print(f"error: {e}", file=sys.stderr)
         return 124
-    except (StoreError, ValueError, OSError) as e:  # ValueError: config, prompt and reward errors too
-        print(error_line(e), file=sys.stderr)
-        return 2
-    except RuntimeError as e:  # a device out of memory (not retried): one line naming what shrinks the command
-        if not out_of_memory(e):
+    except Exception as e:  # a user error or a device out of memory: one line; a bug keeps its traceback
+        line = error_line(e, _memory_hint(args.command))
+        if line is None:
             raise
-        print(error_line(e, _memory_hint(args.command)), file=sys.stderr)
+        print(line, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C); what was registered stays registered, a re-run resumes", file=sys.stderr)

@@ -15,6 +15,10 @@ from pydantic import Field, field_validator, model_validator
 from bond_data.config import DEVICE_PATTERN, Attention, Config
 from trainer.lora import parse_lora
 
+# the TrainConfig flags that shrink what a training step holds on its device (said when it runs out of memory)
+MEMORY_HINT = ("lower --micro-batch-size or --pack-length, or set --activation-checkpointing true or --anchor-dtype "
+               "bfloat16, or shard with --fsdp true under torchrun (`python -m trainer.memory` gives the GiB per GPU)")
+
 
 class TrainConfig(Config):
     round: int = Field(0, ge=0, description="train on this round's dataset; writes the anchor of round + 1")

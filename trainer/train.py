@@ -51,11 +51,11 @@ from bond_data import precision as precision_policy
 from bond_data.backends.hf import prompt_token_ids
 from bond_data.config import FlagParser, add_config_flags
 from bond_data.device import peak_bf16_flops, resolve_device
-from bond_data.errors import error_line, out_of_memory
+from bond_data.errors import error_line
 from bond_data.store import Store, StoreError
 from trainer import checkpoints, fsdp, lora
 from trainer.anchor import ema_update
-from trainer.config import TrainConfig
+from trainer.config import MEMORY_HINT, TrainConfig
 from bond_data.logprobs import SequenceLogprobs
 from trainer.step import train_step
 from trainer.metrics import MetricsLog, mfu
@@ -323,10 +323,6 @@ def _refresh_anchor(store: Store, cfg: TrainConfig, dataset: dict, anchor: dict,
     return {"round": cfg.round, "next_anchor": store.anchor(cfg.round + 1), "skipped": False}
 
 
-MEMORY_HINT = ("lower --micro-batch-size or --pack-length, or set --activation-checkpointing true or --anchor-dtype "
-               "bfloat16, or shard with --fsdp true under torchrun (`python -m trainer.memory` gives the GiB per GPU)")
-
-
 def main(argv: list[str] | None = None) -> int:
     """`python -m trainer.train` (under torchrun for DDP / FSDP): the result as JSON; a user error as one
     `error:` line per process and exit code 2, as `bond train` reports it."""
@@ -338,13 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = TrainConfig.load(args.pop("config"), **{k: v for k, v in args.items() if k != "store"})
         result = train(args["store"], cfg)
-    except (StoreError, ValueError, OSError) as e:
-        print(error_line(e), file=sys.stderr)
-        code = 2
-    except RuntimeError as e:  # a device out of memory: one line naming what shrinks the step
-        if not out_of_memory(e):
+    except Exception as e:  # a user error or a device out of memory: one line; a bug keeps its traceback
+        line = error_line(e, MEMORY_HINT)
+        if line is None:
             raise
-        print(error_line(e, MEMORY_HINT), file=sys.stderr)
+        print(line, file=sys.stderr)
         code = 2
     else:
         print(json.dumps(result, default=str))

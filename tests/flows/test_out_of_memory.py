@@ -17,6 +17,7 @@ from testutil import run_generation, tree_digest
 
 from flows.cli import main
 from trainer import train as train_mod
+from trainer.config import MEMORY_HINT
 
 TORCH_SAID = ("error: out of memory: CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of "
               "79.19 GiB of which 3.12 GiB is free; ")
@@ -68,7 +69,7 @@ def test_training_out_of_memory_is_one_line_naming_what_shrinks_the_step(entry, 
     code = main(["train", *flags]) if entry == "bond train" else train_mod.main(flags)
     line = one_line(capsys)
     assert code == 2 and line.startswith(TORCH_SAID), line
-    assert train_mod.MEMORY_HINT in line
+    assert MEMORY_HINT in line
     assert round0.anchor(1) is None  # no next anchor registered
     after = tree_digest(round0.root / "_catalog")
     assert {k: v for k, v in after.items() if "writer.lock" not in k} == \
